@@ -1,0 +1,20 @@
+"""pyro_mogflow: normalizing-flow guides for Pyro on a learnable mixture of diagonal Gaussians.
+
+The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors with several modes.
+"""
+
+from ._version import __version__
+from .autoguide import ESTIMATORS, AutoMixtureFlow
+from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
+from .flows import FLOWS, build_flow, register_flow
+
+__all__ = [
+    "__version__",
+    "AutoMixtureFlow",
+    "ESTIMATORS",
+    "FLOWS",
+    "RelaxedMixtureOfDiagNormals",
+    "build_flow",
+    "mixture_log_prob",
+    "register_flow",
+]

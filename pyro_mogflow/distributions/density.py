@@ -1,0 +1,139 @@
+"""The one place where the density of a mixture of diagonal Gaussians is computed.
+
+Every estimator in :mod:`pyro_mogflow` scores points with :func:`mixture_log_prob` (or, when it
+needs the per-component terms, :func:`component_log_prob`), so the numerics live here alone:
+everything is evaluated in log space with :func:`torch.logsumexp`, which keeps float32 finite at
+``D = 1000``, ``K = 32``.
+
+Shapes follow the package convention: points ``(*sample, *batch, D)``, logits ``(*batch, K)``,
+locs and scales ``(*batch, K, D)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "component_log_prob",
+    "mixture_log_prob",
+    "check_mixture_params",
+    "mixture_moments",
+]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def component_log_prob(
+    value: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    r"""Log-density of ``value`` under each diagonal Gaussian component.
+
+    .. math:: \ell_k(z) = \sum_{d=1}^D \log \mathcal{N}(z_d;\ \mu_{kd}, \sigma_{kd})
+
+    :param torch.Tensor value: points, shape ``(*sample, *batch, D)``.
+    :param torch.Tensor locs: component means, shape ``(*batch, K, D)``.
+    :param torch.Tensor scales: component standard deviations, shape ``(*batch, K, D)``.
+    :return: shape ``(*sample, *batch, K)``.
+    """
+    z = (value.unsqueeze(-2) - locs) / scales
+    return -(0.5 * z.pow(2) + scales.log() + _HALF_LOG_2PI).sum(-1)
+
+
+def mixture_log_prob(
+    value: torch.Tensor, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    r"""Log-density of a mixture of diagonal Gaussians (design note, eq. 1), in log space.
+
+    .. math:: \log q(z) = \operatorname{logsumexp}_k \big(\log\pi_k + \ell_k(z)\big),
+        \qquad \log \pi = \operatorname{log\_softmax}(\text{logits})
+
+    :param torch.Tensor value: points, shape ``(*sample, *batch, D)``.
+    :param torch.Tensor logits: unnormalised log-weights, shape ``(*batch, K)``.
+    :param torch.Tensor locs: shape ``(*batch, K, D)``.
+    :param torch.Tensor scales: shape ``(*batch, K, D)``.
+    :return: shape ``(*sample, *batch)``.
+    """
+    log_weights = torch.log_softmax(logits, dim=-1)
+    return torch.logsumexp(log_weights + component_log_prob(value, locs, scales), dim=-1)
+
+
+def mixture_moments(
+    logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and per-coordinate variance of a diagonal Gaussian mixture.
+
+    .. math:: \mathbb{E}[z] = \sum_k \pi_k \mu_k, \qquad
+        \operatorname{Var}[z_d] = \sum_k \pi_k (\sigma_{kd}^2 + \mu_{kd}^2) - \mathbb{E}[z_d]^2
+
+    :return: ``(mean, variance)``, each of shape ``(*batch, D)``.
+    """
+    weights = torch.softmax(logits, dim=-1).unsqueeze(-1)
+    mean = (weights * locs).sum(-2)
+    second = (weights * (scales.pow(2) + locs.pow(2))).sum(-2)
+    return mean, (second - mean.pow(2)).clamp(min=0)
+
+
+def _as_tensor(name: str, value, like: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if like is None:
+            return torch.tensor(float(value))
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    raise TypeError(f"{name} must be a torch.Tensor or a real number, got {type(value).__name__}")
+
+
+def check_mixture_params(logits, locs, scales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and broadcast mixture parameters, raising before any work is done.
+
+    :param logits: shape ``(*batch, K)``.
+    :param locs: shape ``(*batch, K, D)``.
+    :param scales: shape ``(*batch, K, D)`` or broadcastable to ``locs``.
+    :return: ``(logits, locs, scales)`` broadcast to a common batch shape.
+    :raises TypeError: if an argument is not a floating-point tensor.
+    :raises ValueError: if shapes disagree or a value is not finite / not positive.
+    """
+    for name, value in (("logits", logits), ("locs", locs), ("scales", scales)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have shape (*batch, K), got {tuple(logits.shape)}")
+    if locs.dim() < 2:
+        raise ValueError(f"locs must have shape (*batch, K, D), got {tuple(locs.shape)}")
+    if locs.dtype != logits.dtype or scales.dtype != logits.dtype:
+        raise TypeError(
+            f"logits, locs and scales must share a dtype, got {logits.dtype}, {locs.dtype}, "
+            f"{scales.dtype}"
+        )
+    k = logits.shape[-1]
+    if locs.shape[-2] != k:
+        raise ValueError(
+            f"locs must have K={k} components on dim -2 to match logits, got shape "
+            f"{tuple(locs.shape)}"
+        )
+    try:
+        shape = torch.broadcast_shapes(locs.shape, scales.shape)
+        batch = torch.broadcast_shapes(logits.shape[:-1], shape[:-2])
+    except RuntimeError as e:
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, locs {tuple(locs.shape)} and scales "
+            f"{tuple(scales.shape)} do not broadcast to (*batch, K) and (*batch, K, D)"
+        ) from e
+    if not torch._C._get_tracing_state():
+        if bool(torch.isnan(logits).any()) or bool((logits == math.inf).any()):
+            raise ValueError("logits must not be NaN or +inf (-inf disables a component)")
+        if not bool(torch.isfinite(locs).all()):
+            raise ValueError("locs must be finite")
+        if not bool((scales > 0).all()) or not bool(torch.isfinite(scales).all()):
+            raise ValueError("scales must be positive and finite")
+    d = shape[-1]
+    return (
+        logits.expand(batch + (k,)),
+        locs.expand(batch + (k, d)),
+        scales.expand(batch + (k, d)),
+    )

@@ -1,0 +1,299 @@
+"""Named flow stacks built from Pyro transforms, stacked on top of the mixture base.
+
+A flow is built by :func:`build_flow` from a registered name (see :data:`FLOWS`), or from a
+callable ``latent_dim -> TransformModule``. Layers are separated by :class:`BufferPermute`, a
+permutation stored as a buffer, so a reloaded ``state_dict`` gives the very same flow (Pyro's
+``T.permute`` keeps its permutation out of the ``state_dict``).
+
+Some of Pyro's transforms are *forward-only*: they can map a base point forward but cannot score
+an arbitrary point (planar, radial, Sylvester, block and neural autoregressive, polynomial). They
+are marked in the registry, and :class:`ForwardOnlyGuard` makes any attempt to invert them at a
+point the flow did not just produce raise a clear error instead of returning a stale log-det.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import Transform
+
+__all__ = [
+    "FLOWS",
+    "FlowSpec",
+    "BufferPermute",
+    "ForwardOnlyGuard",
+    "build_flow",
+    "register_flow",
+    "is_forward_only",
+]
+
+#: Default half-width of the box on which spline flows act. Pyro's default (3) makes a spline
+#: the identity beyond +-3, where the modes of many posteriors lie; ours covers +-8.
+DEFAULT_SPLINE_BOUND = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """How to build one layer of a registered flow.
+
+    :param builder: ``builder(latent_dim, hidden_dims, **kwargs) -> TransformModule``.
+    :param invertible: whether the layer can score points it did not produce.
+    :param min_dim: the smallest latent dimension the layer supports.
+    :param description: one line for the docs and error messages.
+    """
+
+    builder: Callable[..., Transform]
+    invertible: bool
+    min_dim: int = 1
+    description: str = ""
+
+
+FLOWS: dict[str, FlowSpec] = {}
+
+
+def register_flow(
+    name: str,
+    builder: Callable[..., Transform],
+    *,
+    invertible: bool,
+    min_dim: int = 1,
+    description: str = "",
+) -> None:
+    """Register a flow layer under ``name`` so ``AutoMixtureFlow(flow=name)`` can build it."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    FLOWS[name] = FlowSpec(builder, invertible, min_dim, description)
+
+
+def _hidden(hidden_dims, d):
+    return None if hidden_dims is None else list(hidden_dims)
+
+
+def _spline_kwargs(kwargs):
+    kwargs = dict(kwargs)
+    kwargs.setdefault("bound", DEFAULT_SPLINE_BOUND)
+    kwargs.setdefault("count_bins", 8)
+    return kwargs
+
+
+register_flow(
+    "affine_autoregressive",
+    lambda d, h, **kw: T.affine_autoregressive(d, hidden_dims=_hidden(h, d), **kw),
+    invertible=True,
+    description="IAF / MAF (Kingma et al. 2016; Papamakarios et al. 2017)",
+)
+register_flow(
+    "spline_autoregressive",
+    lambda d, h, **kw: T.spline_autoregressive(d, hidden_dims=_hidden(h, d), **_spline_kwargs(kw)),
+    invertible=True,
+    description="autoregressive neural spline flow (Durkan et al. 2019)",
+)
+register_flow(
+    "spline_coupling",
+    lambda d, h, **kw: T.spline_coupling(d, hidden_dims=_hidden(h, d), **_spline_kwargs(kw)),
+    invertible=True,
+    min_dim=2,
+    description="coupling neural spline flow (Durkan et al. 2019)",
+)
+register_flow(
+    "affine_coupling",
+    lambda d, h, **kw: T.affine_coupling(d, hidden_dims=_hidden(h, d), **kw),
+    invertible=True,
+    min_dim=2,
+    description="Real NVP / NICE coupling (Dinh et al. 2015, 2017)",
+)
+register_flow(
+    "householder",
+    lambda d, h, **kw: T.householder(d, **kw),
+    invertible=True,
+    min_dim=2,
+    description="Householder reflections (Tomczak & Welling 2016)",
+)
+register_flow(
+    "planar",
+    lambda d, h, **kw: T.planar(d, **kw),
+    invertible=False,
+    description="planar flow (Rezende & Mohamed 2015), forward-only",
+)
+register_flow(
+    "radial",
+    lambda d, h, **kw: T.radial(d, **kw),
+    invertible=False,
+    description="radial flow (Rezende & Mohamed 2015), forward-only",
+)
+register_flow(
+    "sylvester",
+    lambda d, h, **kw: T.sylvester(d, **kw),
+    invertible=False,
+    description="Householder Sylvester flow (van den Berg et al. 2018), forward-only",
+)
+register_flow(
+    "block_autoregressive",
+    lambda d, h, **kw: T.block_autoregressive(d, **kw),
+    invertible=False,
+    description="BNAF (De Cao et al. 2019), forward-only",
+)
+register_flow(
+    "neural_autoregressive",
+    lambda d, h, **kw: T.neural_autoregressive(d, hidden_dims=_hidden(h, d), **kw),
+    invertible=False,
+    description="NAF (Huang et al. 2018), forward-only",
+)
+
+_FORWARD_ONLY_TYPES = (
+    T.Planar,
+    T.Radial,
+    T.Sylvester,
+    T.BlockAutoregressive,
+    T.NeuralAutoregressive,
+    T.Polynomial,
+)
+
+
+def is_forward_only(transform: Transform) -> bool:
+    """True when ``transform`` cannot invert a point it did not just produce."""
+    if isinstance(transform, T.ComposeTransform):
+        return any(is_forward_only(part) for part in transform.parts)
+    if isinstance(transform, ForwardOnlyGuard):
+        return True
+    if isinstance(transform, _FORWARD_ONLY_TYPES):
+        return True
+    return type(transform)._inverse is Transform._inverse
+
+
+class BufferPermute(TransformModule):
+    """A fixed permutation of the last dimension, stored as a buffer (so it is in ``state_dict``).
+
+    :param torch.Tensor permutation: a permutation of ``range(D)``, shape ``(D,)``.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    volume_preserving = True
+
+    def __init__(self, permutation: torch.Tensor):
+        super().__init__(cache_size=1)
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        if permutation.dim() != 1 or not torch.equal(
+            permutation.sort().values, torch.arange(permutation.numel())
+        ):
+            raise ValueError("permutation must be a permutation of range(D)")
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inv_permutation", torch.argsort(permutation))
+
+    def _call(self, x):
+        return x.index_select(-1, self.permutation)
+
+    def _inverse(self, y):
+        return y.index_select(-1, self.inv_permutation)
+
+    def log_abs_det_jacobian(self, x, y):
+        return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+
+
+class ForwardOnlyGuard(Transform):
+    """Wraps a forward-only transform; inverting a point it did not just produce raises.
+
+    Pyro's forward-only transforms either raise ``NotImplementedError`` deep inside an ELBO, or
+    (``NeuralAutoregressive``) silently return the log-det of the *previous* input. This guard
+    remembers the last forward pair ``(x, y)`` and refuses any other ``y``.
+
+    :param Transform transform: the forward-only transform.
+    :param str name: a name for error messages.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, transform: Transform, name: str = "flow"):
+        super().__init__(cache_size=0)
+        self.transform = transform
+        self.name = name
+        self._last = None
+
+    def _call(self, x):
+        y = self.transform(x)
+        self._last = (x, y)
+        return y
+
+    def _inverse(self, y):
+        if self._last is not None and self._last[1] is y:
+            return self._last[0]
+        raise ValueError(
+            f"the flow {self.name!r} is forward-only: it can score the points it has just sampled "
+            "but cannot invert an arbitrary point, so log q(z) is unavailable here. Use an "
+            "invertible flow (e.g. 'spline_autoregressive', 'affine_autoregressive', "
+            "'spline_coupling', 'affine_coupling') to evaluate the guide's density at given points."
+        )
+
+    def log_abs_det_jacobian(self, x, y):
+        if self._last is None or self._last[0] is not x:
+            y = self._call(x)
+        return self.transform.log_abs_det_jacobian(x, y)
+
+
+def build_flow(
+    flow,
+    latent_dim: int,
+    num_flows: int = 1,
+    hidden_dims=None,
+    **flow_kwargs,
+) -> T.ComposeTransformModule | None:
+    """Build a stack of ``num_flows`` layers on ``R^latent_dim``, with buffer permutations between.
+
+    :param flow: a registered name (see :data:`FLOWS`), a callable
+        ``latent_dim -> TransformModule`` (called once per layer), or ``None`` for no flow.
+    :param int latent_dim: ``D``.
+    :param int num_flows: number of layers (``>= 1`` unless ``flow`` is ``None``).
+    :param hidden_dims: hidden layer sizes for layers that take them (``None``: Pyro's default).
+    :param flow_kwargs: extra keyword arguments for a registered builder (e.g. ``bound``,
+        ``count_bins``).
+    :return: a :class:`~pyro.distributions.transforms.ComposeTransformModule`, or ``None``.
+    """
+    if flow is None:
+        return None
+    if isinstance(flow, str):
+        if flow not in FLOWS:
+            raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
+        spec = FLOWS[flow]
+        if latent_dim < spec.min_dim:
+            raise ValueError(
+                f"flow {flow!r} needs a latent dimension of at least {spec.min_dim}, but the "
+                f"model has {latent_dim}; use e.g. flow='spline_autoregressive' instead"
+            )
+
+        def make():
+            return spec.builder(latent_dim, hidden_dims, **flow_kwargs)
+
+    elif callable(flow):
+        if flow_kwargs or hidden_dims is not None:
+            raise ValueError("hidden_dims and flow_kwargs apply only to a registered flow name")
+
+        def make():
+            layer = flow(latent_dim)
+            if not isinstance(layer, Transform):
+                raise TypeError(
+                    f"the flow callable must return a torch Transform, got {type(layer).__name__}"
+                )
+            return layer
+
+    else:
+        raise TypeError(
+            f"flow must be a registered name, a callable latent_dim -> TransformModule or None, "
+            f"got {type(flow).__name__}"
+        )
+    parts = []
+    for i in range(num_flows):
+        if i > 0 and latent_dim > 1:
+            parts.append(BufferPermute(torch.randperm(latent_dim)))
+        parts.append(make())
+    return T.ComposeTransformModule(parts)
