@@ -284,7 +284,11 @@ class AutoMixtureFlow(AutoContinuous):
             )
         if self.estimator == "pathwise":
             return dist.MixtureOfDiagNormals(self.locs, self.scales, self.logits)
-        raise NotImplementedError(f"estimator {self.estimator!r} has no base distribution yet")
+        # "implicit" and "stratified": the exact mixture, sampled exactly. (Under StratifiedELBO
+        # the "stratified" guide is sampled per component instead; see pyro_mogflow.infer.)
+        from .distributions.mixture import DiagNormalMixture
+
+        return DiagNormalMixture(self.logits, self.locs, self.scales)
 
     def get_transform(self, *args, **kwargs):
         """The flow applied to the base (identity when ``flow=None``)."""
