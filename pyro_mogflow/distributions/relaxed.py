@@ -76,8 +76,9 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
     :param torch.Tensor locs: component means, shape ``(*batch, K, D)``.
     :param torch.Tensor scales: component standard deviations (positive), ``(*batch, K, D)``.
     :param temperature: :math:`\tau > 0`, a float or a tensor broadcastable to ``batch_shape``
-        (it has no trailing ``K`` dim, so a ``[n, 1]`` temperature never yields an
-        ``[n, n]`` log-density).
+        (no ``K`` dim). As in torch, a temperature with as many dims as ``logits`` and a trailing
+        singleton (``[n, 1]`` with logits ``[n, K]``) is read as one temperature per batch row,
+        so it never yields an ``[n, n]`` log-density.
     :param str density: ``"exact"`` (default) or ``"nested"``.
     :param int num_nested: ``M``, the number of inner draws for ``density="nested"``.
 
@@ -117,6 +118,13 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
         temperature = _as_tensor("temperature", temperature, like=logits)
         if not temperature.is_floating_point():
             temperature = temperature.to(logits.dtype)
+        if (
+            temperature.dim() == logits.dim()
+            and temperature.dim() > 0
+            and temperature.shape[-1] == 1
+        ):
+            # torch's convention: a trailing singleton dim that lines up with K is per-batch.
+            temperature = temperature.squeeze(-1)
         if not torch._C._get_tracing_state() and not bool((temperature > 0).all()):
             raise ValueError(f"temperature must be > 0, got {temperature.detach().cpu()}")
         try:
@@ -196,4 +204,3 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
     def mixture_variance(self) -> torch.Tensor:
         """Per-coordinate variance of the mixture being relaxed (``tau -> 0``), ``(*batch, D)``."""
         return mixture_moments(self.logits, self.locs, self.scales)[1]
-
