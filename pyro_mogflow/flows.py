@@ -83,9 +83,31 @@ def _spline_kwargs(kwargs):
     return kwargs
 
 
+class _AffineAutoregressive(T.AffineAutoregressive):
+    """Pyro's affine autoregressive layer with an inverse that follows the input's dtype.
+
+    Pyro 1.9's ``AffineAutoregressive._inverse`` builds its work tensor in the *default* dtype,
+    so a float64 flow cannot invert a point; this runs it with the default dtype set to ``y``'s.
+    """
+
+    def _inverse(self, y):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(y.dtype)
+        try:
+            return super()._inverse(y)
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _affine_autoregressive(d, h, **kw):
+    layer = T.affine_autoregressive(d, hidden_dims=_hidden(h, d), **kw)
+    layer.__class__ = _AffineAutoregressive
+    return layer
+
+
 register_flow(
     "affine_autoregressive",
-    lambda d, h, **kw: T.affine_autoregressive(d, hidden_dims=_hidden(h, d), **kw),
+    _affine_autoregressive,
     invertible=True,
     description="IAF / MAF (Kingma et al. 2016; Papamakarios et al. 2017)",
 )
