@@ -86,7 +86,8 @@ class AutoMixtureFlow(AutoContinuous):
     :param hidden_dims: hidden sizes of the flows' networks (``None``: Pyro's defaults).
     :param dict flow_kwargs: extra keyword arguments for a registered flow (spline flows default
         to ``bound=8``, ``count_bins=8``).
-    :param str estimator: one of :data:`ESTIMATORS` (default ``"relaxed"``).
+    :param str estimator: one of :data:`ESTIMATORS` (default ``"implicit"``: unbiased and usable
+        with every Pyro ELBO; the relaxed estimators' objectives are unbounded, see README).
     :param temperature: Gumbel-softmax temperature for the relaxed estimators: a positive float
         or a callable ``step -> float``, where ``step`` is :attr:`step`, the number of guide
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
@@ -120,7 +121,7 @@ class AutoMixtureFlow(AutoContinuous):
         num_flows: int = 2,
         hidden_dims=None,
         flow_kwargs: dict | None = None,
-        estimator: str = "relaxed",
+        estimator: str = "implicit",
         temperature=0.5,
         num_nested: int = 32,
         init_loc_fn=init_to_median,
