@@ -5,12 +5,13 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 
 from ._version import __version__
 from .autoguide import ESTIMATORS, AutoMixtureFlow
-from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
+from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, build_flow, register_flow
 
 __all__ = [
     "__version__",
     "AutoMixtureFlow",
+    "DiagNormalMixture",
     "ESTIMATORS",
     "FLOWS",
     "RelaxedMixtureOfDiagNormals",
