@@ -7,6 +7,15 @@ from ._version import __version__
 from .autoguide import ESTIMATORS, AutoMixtureFlow
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, build_flow, register_flow
+from .infer import (
+    Schedule,
+    StratifiedELBO,
+    TemperedModel,
+    cosine_schedule,
+    exponential_schedule,
+    linear_schedule,
+    tempered,
+)
 
 __all__ = [
     "__version__",
@@ -15,7 +24,14 @@ __all__ = [
     "ESTIMATORS",
     "FLOWS",
     "RelaxedMixtureOfDiagNormals",
+    "Schedule",
+    "StratifiedELBO",
+    "TemperedModel",
     "build_flow",
+    "cosine_schedule",
+    "exponential_schedule",
+    "linear_schedule",
     "mixture_log_prob",
     "register_flow",
+    "tempered",
 ]

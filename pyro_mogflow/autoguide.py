@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import numbers
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -14,13 +17,31 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
-from .distributions import RelaxedMixtureOfDiagNormals
+from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
 
-__all__ = ["AutoMixtureFlow", "ESTIMATORS"]
+__all__ = ["AutoMixtureFlow", "ESTIMATORS", "StratifiedDraw"]
 
 #: How gradients pass through the mixture's discrete choice. See the class docstring.
 ESTIMATORS = ("relaxed", "relaxed-nested", "implicit", "stratified", "pathwise")
+
+
+@dataclasses.dataclass
+class StratifiedDraw:
+    """Record of one stratified draw, filled in by :meth:`AutoMixtureFlow.stratified`.
+
+    :ivar int num_particles: ``n``, draws per component.
+    :ivar int particle_dim: the (negative) plate dimension along which the ``K * n`` draws lie.
+    :ivar log_weights: ``log_softmax(logits)``, shape ``(K,)``, attached to the autograd graph.
+    :ivar latent: the unconstrained draws :math:`z_{kt}`, shape ``(K, n, D)``, component-major.
+    :ivar log_q: the guide's exact log-density at each draw, shape ``(K, n)``.
+    """
+
+    num_particles: int
+    particle_dim: int
+    log_weights: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
+    log_q: torch.Tensor | None = None
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -65,8 +86,10 @@ class AutoMixtureFlow(AutoContinuous):
     ``pathwise``        Pyro ``MixtureOfDiagNormals``   exact mixture       Pyro's estimator
     ==================  ==============================  ==================  =====================
 
-    ``relaxed-nested`` is the design note's method as written; ``stratified`` must be trained
-    with :class:`~pyro_mogflow.StratifiedELBO`; every other estimator works with any Pyro ELBO.
+    ``relaxed-nested`` is the design note's method as written; ``stratified`` is meant for
+    :class:`~pyro_mogflow.StratifiedELBO` (under any other ELBO it samples the exact mixture as
+    ``implicit`` does, unbiased but not stratified, and warns once); every other estimator works
+    with any Pyro ELBO.
 
     Usage::
 
@@ -185,6 +208,8 @@ class AutoMixtureFlow(AutoContinuous):
         self._explicit_name = name
         #: Number of guide calls made with gradients enabled (drives temperature schedules).
         self.step = 0
+        self._stratified_draw = None
+        self._warned_unstratified = False
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
             self.create_plates = create_plates
@@ -304,9 +329,94 @@ class AutoMixtureFlow(AutoContinuous):
             return base
         return dist.TransformedDistribution(base, [self.get_transform(*args, **kwargs)])
 
+    @contextlib.contextmanager
+    def stratified(self, num_particles: int = 1, particle_dim: int = -1):
+        r"""Within this context the guide draws ``num_particles`` points from *every* component.
+
+        Instead of sampling the mixture, :meth:`sample_latent` returns the ``K * n`` points
+
+        .. math:: z_{kt} = f(\mu_k + \sigma_k \odot \epsilon_{kt}), \qquad
+            \epsilon_{kt} \sim \mathcal{N}(0, I), \quad k \le K,\ t \le n,
+
+        component-major (draw ``k * n + t``), as a ``Delta`` site whose log-density is the exact
+        :math:`\log q(z_{kt})` (mixture density of the base point minus the flow's log-det), so
+        weighting the draws by :math:`\pi_k` gives the expectation over components exactly.
+        This is the hook :class:`~pyro_mogflow.StratifiedELBO` uses; the caller must run the guide
+        (and the model) inside a ``pyro.plate`` of size ``K * n`` at ``particle_dim``, and set
+        the guide up (one call outside the context) beforehand. Outside the context the guide
+        samples the exact mixture as usual (e.g. in ``Predictive``).
+
+        :param int num_particles: ``n``, draws per component.
+        :param int particle_dim: negative plate dimension of the draws; the latent has batch
+            shape ``(K * n, 1, ..., 1)`` with ``-particle_dim`` dimensions.
+        :return: a :class:`StratifiedDraw` that the guide fills in when it runs.
+        :raises ValueError: if the guide's estimator is not ``"stratified"``.
+        """
+        if self.estimator != "stratified":
+            raise ValueError(
+                f"stratified draws need AutoMixtureFlow(estimator='stratified'), this guide has "
+                f"estimator={self.estimator!r}"
+            )
+        _check_positive_int("num_particles", num_particles)
+        if (
+            isinstance(particle_dim, bool)
+            or not isinstance(particle_dim, numbers.Integral)
+            or particle_dim >= 0
+        ):
+            raise ValueError(f"particle_dim must be a negative int, got {particle_dim!r}")
+        if self._stratified_draw is not None:
+            raise RuntimeError("AutoMixtureFlow.stratified() contexts cannot be nested")
+        draw = StratifiedDraw(int(num_particles), int(particle_dim))
+        self._stratified_draw = draw
+        try:
+            yield draw
+        finally:
+            self._stratified_draw = None
+
+    def sample_latent(self, *args, **kwargs):
+        """Sample the packed unconstrained latent (stratified inside :meth:`stratified`)."""
+        draw = self._stratified_draw
+        if draw is None:
+            return super().sample_latent(*args, **kwargs)
+        logits, locs, scales = self.logits, self.locs, self.scales
+        k, n, d = self.num_components, draw.num_particles, self.latent_dim
+        eps = torch.randn((k, n, d), dtype=locs.dtype, device=locs.device)
+        base = (locs.unsqueeze(-2) + scales.unsqueeze(-2) * eps).reshape(k * n, d)
+        log_q = mixture_log_prob(base, logits, locs, scales)
+        latent = base
+        if self.flow is not None:
+            transform = self.get_transform(*args, **kwargs)
+            latent = transform(base)
+            log_q = log_q - transform.log_abs_det_jacobian(base, latent)
+        draw.log_weights = torch.log_softmax(logits, dim=-1)
+        draw.latent = latent.reshape(k, n, d)
+        draw.log_q = log_q.reshape(k, n)
+        batch = (k * n,) + (1,) * (-draw.particle_dim - 1)
+        return pyro.sample(
+            f"_{self._pyro_name}_latent",
+            dist.Delta(latent.reshape(batch + (d,)), log_density=log_q.reshape(batch), event_dim=1),
+            infer={"is_auxiliary": True},
+        )
+
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if (
+            self.estimator == "stratified"
+            and self._stratified_draw is None
+            and torch.is_grad_enabled()
+            and not self._warned_unstratified
+        ):
+            # Not an error: the exact mixture sample is still unbiased (implicit estimator).
+            self._warned_unstratified = True
+            warnings.warn(
+                "AutoMixtureFlow(estimator='stratified') is running with gradients enabled "
+                "outside StratifiedELBO, so it samples the exact mixture with implicit "
+                "reparameterization: unbiased, but not stratified. Train it with "
+                "SVI(..., loss=pyro_mogflow.StratifiedELBO()), or use estimator='implicit'.",
+                UserWarning,
+                stacklevel=2,
+            )
         result = super().forward(*args, **kwargs)
         if torch.is_grad_enabled():
             self.step += 1
