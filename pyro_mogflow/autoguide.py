@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import io
 import numbers
+import pickle
+import types
 import warnings
+import weakref
 
 import pyro
 import pyro.distributions as dist
@@ -24,6 +29,13 @@ __all__ = ["AutoMixtureFlow", "ESTIMATORS", "StratifiedDraw"]
 
 #: How gradients pass through the mixture's discrete choice. See the class docstring.
 ESTIMATORS = ("relaxed", "relaxed-nested", "implicit", "stratified", "pathwise")
+
+#: Estimators whose sampler is a custom autograd function that ``torch.jit.trace`` cannot record.
+_UNTRACEABLE_ESTIMATORS = ("pathwise",)
+
+#: Param-store prefixes held by live guides (name -> guide), so a guide set up after
+#: ``pyro.clear_param_store()`` never takes the name of a guide that is still in use.
+_LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 @dataclasses.dataclass
@@ -123,9 +135,25 @@ class AutoMixtureFlow(AutoContinuous):
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
     :param str name: prefix of the guide's names in Pyro's param store. By default the first
         free name among ``AutoMixtureFlow``, ``AutoMixtureFlow_1``, ... is taken when the guide
-        is set up, so two guides never share parameters; an explicit ``name`` that is already
-        in use raises instead.
+        is set up (free: no parameter in the store and no live guide holding it), so two guides
+        never share parameters; an explicit ``name`` that is already in use raises instead. A
+        copy made by :mod:`pickle`, :func:`torch.load` or :func:`copy.deepcopy` in a process
+        where its name is in use takes the next free name (see :attr:`name`).
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
+
+    Saving and restoring: ``torch.save(guide)`` / ``torch.load`` (and :mod:`pickle`) copy the
+    whole guide without touching the original; the copy has no model attached, which a set-up
+    guide does not need. To restore from a ``state_dict``, build the guide with the same
+    arguments, call :meth:`setup` with the model's arguments, then ``load_state_dict``::
+
+        fresh = AutoMixtureFlow(model, num_components=4, flow="affine_autoregressive")
+        fresh.setup(data)
+        fresh.load_state_dict(guide.state_dict())
+
+    The ``state_dict`` holds the mixture, the flow's weights, its permutations (buffers) and
+    :attr:`step`, so the fresh guide draws the very same samples for the same seed. Pyro's
+    ``ParamStoreDict.save``/``load`` is not a restore path: the guide claims a fresh name
+    rather than adopt parameters it did not create.
 
     References:
 
@@ -215,16 +243,52 @@ class AutoMixtureFlow(AutoContinuous):
             self.create_plates = create_plates
 
     # ------------------------------------------------------------------ set-up
+    def setup(self, *args, **kwargs) -> AutoMixtureFlow:
+        """Set the guide up from one run of the model, without drawing a sample.
+
+        A guide learns its latent sites (and so the shapes of its parameters) by running the
+        model once; this happens on the first call, or here. Call it on a fresh guide before
+        ``load_state_dict``. Does nothing if the guide is already set up.
+
+        :param args: the model's positional arguments.
+        :param kwargs: the model's keyword arguments.
+        :return: the guide itself.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self
+
     def _setup_prototype(self, *args, **kwargs):
         try:
             super()._setup_prototype(*args, **kwargs)
         except (NotImplementedError, ValueError, TypeError):
-            self._check_sites()  # raises a clearer error if a site is discrete
+            if self.prototype_trace is not None:
+                self._check_sites()  # raises a clearer error if a site is discrete
+            self.prototype_trace = None
             raise
-        self._check_sites()
-        self._claim_name()
+        try:
+            self._check_sites()
+            self._build_params()
+        except BaseException:
+            # Leave no half-built guide behind: the next call sets up again (and raises again).
+            self.prototype_trace = None
+            raise
+
+    def _build_params(self):
         loc = self._init_loc().detach()
         k, d = self.num_components, self.latent_dim
+        try:
+            flow = build_flow(
+                self.flow_name, d, self.num_flows, self.hidden_dims, **self.flow_kwargs
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(
+                f"cannot build flow={self.flow_name!r} with num_flows={self.num_flows}, "
+                f"hidden_dims={self.hidden_dims} and flow_kwargs={self.flow_kwargs} on the "
+                f"model's latent_dim={d}: {e} (autoregressive flows need every hidden size "
+                f">= latent_dim)"
+            ) from e
+        self._claim_name()
         offsets = torch.randn(k, d, dtype=loc.dtype, device=loc.device) * self._init_spread
         if k == 1:
             offsets.zero_()
@@ -235,9 +299,6 @@ class AutoMixtureFlow(AutoContinuous):
             event_dim=2,
         )
         self.logits = PyroParam(torch.zeros(k, dtype=loc.dtype, device=loc.device), event_dim=1)
-        flow = build_flow(
-            self.flow_name, d, self.num_flows, self.hidden_dims, **self.flow_kwargs
-        )
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
         self._guard = None
         if self.flow is not None and is_forward_only(self.flow):
@@ -264,32 +325,46 @@ class AutoMixtureFlow(AutoContinuous):
                         "poutine.block and AutoGuideList."
                     )
 
-    def _claim_name(self):
-        store = pyro.get_param_store()
-        names = set(store.keys())
+    @property
+    def name(self) -> str:
+        """The prefix of this guide's parameters in Pyro's param store (claimed at set-up)."""
+        return self._pyro_name
 
-        def taken(prefix):
-            return any(n == prefix or n.startswith(prefix + ".") for n in names)
+    def _name_taken(self, prefix: str) -> bool:
+        holder = _LIVE_NAMES.get(prefix)
+        if holder is not None and holder is not self:
+            return True
+        return any(n == prefix or n.startswith(prefix + ".") for n in pyro.get_param_store())
 
-        if self._explicit_name is not None:
-            if taken(self._explicit_name):
+    def _claim_name(self, rename: bool = False):
+        """Take a param-store prefix no other guide uses; ``rename``: derive one, never raise."""
+        base = self._explicit_name
+        if base is not None and not rename:
+            if self._name_taken(base):
                 raise ValueError(
-                    f"name={self._explicit_name!r} already has parameters in Pyro's param store; "
-                    "two guides would share them. Pass another name or call "
+                    f"name={base!r} already has parameters in Pyro's param store or belongs to "
+                    "another live guide; two guides would share them. Pass another name or call "
                     "pyro.clear_param_store()."
                 )
-            self._pyro_name = self._explicit_name
-            return
-        base = type(self).__name__
-        prefix, i = base, 0
-        while taken(prefix):
-            i += 1
-            prefix = f"{base}_{i}"
+            prefix = base
+        else:
+            base = base or type(self).__name__
+            prefix, i = base, 0
+            while self._name_taken(prefix):
+                i += 1
+                prefix = f"{base}_{i}"
         self._pyro_name = prefix
+        _LIVE_NAMES[prefix] = self
 
     # ----------------------------------------------------------- distributions
     def current_temperature(self) -> float:
         """The Gumbel-softmax temperature at the current :attr:`step`."""
+        if callable(self.temperature) and torch._C._get_tracing_state():
+            raise ValueError(
+                "temperature is a schedule (a callable), but the guide is being traced by "
+                "torch.jit (e.g. JitTrace_ELBO), which would freeze it at its first value. Pass a "
+                "fixed float temperature, or train with a non-jit ELBO such as Trace_ELBO."
+            )
         tau = self.temperature(self.step) if callable(self.temperature) else self.temperature
         if isinstance(tau, torch.Tensor):
             tau = float(tau)
@@ -299,6 +374,13 @@ class AutoMixtureFlow(AutoContinuous):
 
     def get_base_dist(self):
         """The mixture base distribution for the chosen estimator (event shape ``(D,)``)."""
+        if self.estimator in _UNTRACEABLE_ESTIMATORS and torch._C._get_tracing_state():
+            raise ValueError(
+                f"estimator={self.estimator!r} samples with Pyro's MixtureOfDiagNormals, whose "
+                "custom autograd function torch.jit cannot trace, so it cannot run under "
+                "JitTrace_ELBO (or any jit ELBO). Use estimator='implicit' or 'relaxed', or a "
+                "non-jit ELBO such as Trace_ELBO."
+            )
         if self.estimator in ("relaxed", "relaxed-nested"):
             return RelaxedMixtureOfDiagNormals(
                 self.logits,
@@ -429,11 +511,32 @@ class AutoMixtureFlow(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         return self.get_posterior(*args, **kwargs).sample((num_samples,))
 
-    def _constrain(self, latent):
-        return {
-            site["name"]: biject_to(site["fn"].support)(value)
-            for site, value in self._unpack_latent(latent)
-        }
+    def _constrain(self, latent: torch.Tensor) -> dict:
+        """Split packed latents ``(*batch, D)`` into constrained sites ``(*batch, *site_shape)``.
+
+        Unlike Pyro's ``_unpack_latent``, leading dims are plain batch dims that never collide
+        with the model's plate dims.
+        """
+        batch, pos, out = latent.shape[:-1], 0, {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = shape.numel()
+            value = latent[..., pos : pos + size].reshape(batch + shape)
+            out[name] = biject_to(site["fn"].support)(value)
+            pos += size
+        return out
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict:
+        """Draw ``num_samples`` joint samples of every latent site from the guide.
+
+        :param int num_samples: ``N``.
+        :param args: the model's arguments (used to set the guide up if needed).
+        :return: dict site name -> constrained samples of shape ``(N, *site_shape)``.
+        """
+        _check_positive_int("num_samples", num_samples)
+        latent = self._sample_unconstrained(int(num_samples), *args, **kwargs)
+        return self._constrain(latent)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs):
@@ -500,3 +603,55 @@ class AutoMixtureFlow(AutoContinuous):
         finally:
             self._model, self.master = saved
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.prototype_trace is not None:
+            # A copy in a process where the original (or its parameters) lives must not adopt
+            # the original's parameters through the shared param store.
+            if self._name_taken(self._pyro_name):
+                self._claim_name(rename=True)
+            else:
+                _LIVE_NAMES[self._pyro_name] = self
+
+    def __deepcopy__(self, memo):
+        # Plain deepcopy fails on the flows' caches (non-leaf tensors); pickle copies them.
+        # Functions (the model, a temperature schedule, a flow callable) are shared, as
+        # deepcopy shares them.
+        shared: list = []
+
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, (types.FunctionType, functools.partial)):
+                    shared.append(obj)
+                    return len(shared) - 1
+                return None
+
+        class _Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid):
+                return shared[pid]
+
+        buffer = io.BytesIO()
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(self)
+        buffer.seek(0)
+        new = _Unpickler(buffer).load()
+        new._model = self._model
+        memo[id(self)] = new
+        return new
+
+    # ---------------------------------------------------------- state_dict
+    def get_extra_state(self) -> dict:
+        """Extra ``state_dict`` entry: the step counter that drives temperature schedules."""
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.prototype_trace is None and any(k.startswith(prefix) for k in state_dict):
+            raise RuntimeError(
+                "this AutoMixtureFlow is not set up yet, so it has no parameters to load into. "
+                "Call guide.setup(*model_args, **model_kwargs) (or the guide once) before "
+                "load_state_dict."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
