@@ -156,11 +156,20 @@ register_flow(
     invertible=False,
     description="Householder Sylvester flow (van den Berg et al. 2018), forward-only",
 )
+
+
+def _block_autoregressive(d, h, **kw):
+    # Pyro's default (no residual) ends in a linear map of tanh units, so it sends R^D onto a
+    # bounded box and the guide could never put mass outside it; y = x + f(x) covers R^D.
+    kw.setdefault("residual", "normal")
+    return T.block_autoregressive(d, **kw)
+
+
 register_flow(
     "block_autoregressive",
-    lambda d, h, **kw: T.block_autoregressive(d, **kw),
+    _block_autoregressive,
     invertible=False,
-    description="BNAF (De Cao et al. 2019), forward-only",
+    description="BNAF (De Cao et al. 2019) with a residual connection, forward-only",
 )
 register_flow(
     "neural_autoregressive",
