@@ -4,7 +4,9 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 """
 
 from ._version import __version__
+from .arviz import to_inference_data, vi_loo
 from .autoguide import ESTIMATORS, AutoMixtureFlow
+from .diagnostics import vi_diagnostics
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, build_flow, register_flow
 from .infer import (
@@ -16,6 +18,7 @@ from .infer import (
     linear_schedule,
     tempered,
 )
+from .runs import IndependentFits, fit_independent
 
 __all__ = [
     "__version__",
@@ -23,6 +26,7 @@ __all__ = [
     "DiagNormalMixture",
     "ESTIMATORS",
     "FLOWS",
+    "IndependentFits",
     "RelaxedMixtureOfDiagNormals",
     "Schedule",
     "StratifiedELBO",
@@ -30,8 +34,12 @@ __all__ = [
     "build_flow",
     "cosine_schedule",
     "exponential_schedule",
+    "fit_independent",
     "linear_schedule",
     "mixture_log_prob",
     "register_flow",
     "tempered",
+    "to_inference_data",
+    "vi_diagnostics",
+    "vi_loo",
 ]

@@ -1,0 +1,569 @@
+r"""Honest diagnostics for a variational fit: can the guide be trusted as a posterior?
+
+Every quantity here is computed from draws :math:`z_s \sim q` of the guide and their log
+importance weights :math:`\log w_s = \log p(x, z_s) - \log q(z_s)`, as exported by
+:func:`~pyro_mogflow.to_inference_data` (``sample_stats`` holds ``lp``, ``lp_approx`` and
+``log_weight``):
+
+* the Pareto :math:`\hat k` of the weights' tail (Yao et al. 2018), judged against the
+  sample-size-dependent threshold :math:`\min(1 - 1/\log_{10} S,\ 0.7)` (Vehtari et al. 2024);
+* the importance-sampling effective sample size :math:`1 / \sum_s \tilde w_s^2` of the
+  Pareto-smoothed normalised weights :math:`\tilde w`;
+* the ELBO :math:`\frac1S \sum_s \log w_s` and the log evidence
+  :math:`\log \hat Z = \log \frac1S \sum_s w_s`, with standard errors;
+* for :class:`~pyro_mogflow.AutoMixtureFlow`, the mass of each mixture component before and
+  after Pareto-smoothed reweighting;
+* given several independent runs (one chain each), the rank-normalised split
+  :math:`\hat R` across runs and the spread of the runs' evidence estimates.
+
+:math:`\hat k` is computed from draws of the guide, so it cannot see a mode the guide never
+visits: a guide that found one of two modes has light-tailed weights and a small
+:math:`\hat k`. Only independent runs compared with each other reveal such a fit, which is why
+:func:`vi_diagnostics` takes several runs (see :func:`~pyro_mogflow.fit_independent`).
+
+References:
+
+* Y. Yao, A. Vehtari, D. Simpson, A. Gelman, *Yes, but Did It Work?: Evaluating Variational
+  Inference*, ICML 2018.
+* A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, *Pareto Smoothed Importance Sampling*,
+  JMLR 25(72), 2024.
+* A. Vehtari, A. Gelman, D. Simpson, B. Carpenter, P.-C. Bürkner, *Rank-Normalization,
+  Folding, and Localization: An Improved R-hat for Assessing Convergence of MCMC*, Bayesian
+  Analysis 16(2), 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import logsumexp
+
+__all__ = [
+    "MISSED_MODES_WARNING",
+    "VIDiagnostics",
+    "VIDiagnosticsWarning",
+    "good_k_threshold",
+    "psis",
+    "vi_diagnostics",
+]
+
+#: The sentence every "runs disagree" warning carries.
+MISSED_MODES_WARNING = "k-hat cannot detect modes the guide never visits"
+
+#: R-hat above which runs are taken to sit on different modes rather than to be unconverged.
+_RHAT_MODES = 1.1
+
+#: Draws per run below which k-hat and the evidence estimate are themselves too noisy.
+_MIN_DRAWS = 100
+
+
+class VIDiagnosticsWarning(UserWarning):
+    """Issued by :func:`vi_diagnostics` when a fit should not be trusted as it stands."""
+
+
+# ------------------------------------------------------------------------------- PSIS
+def _arviz_major() -> int:
+    import arviz as az
+
+    return int(str(az.__version__).split(".")[0])
+
+
+def good_k_threshold(num_draws: int) -> float:
+    r"""The largest Pareto :math:`\hat k` for which ``num_draws`` importance draws suffice.
+
+    .. math:: k_{\text{good}}(S) = \min\left(1 - \frac{1}{\log_{10} S},\ 0.7\right)
+
+    (Vehtari et al. 2024, section 3.2.4). Above it, the Monte Carlo error of an importance
+    sampling estimate is large for this sample size; above 0.7 no feasible sample size helps.
+
+    :param int num_draws: ``S >= 2``.
+    :return: the threshold (negative for ``S < 10``, where no tail can be trusted).
+    """
+    if isinstance(num_draws, bool) or not isinstance(num_draws, numbers.Integral):
+        raise TypeError(f"num_draws must be an int >= 2, got {type(num_draws).__name__}")
+    if num_draws < 2:
+        raise ValueError(f"num_draws must be an int >= 2, got {num_draws}")
+    return float(min(1.0 - 1.0 / math.log10(num_draws), 0.7))
+
+
+def _min_draws_for(khat: float) -> float:
+    """Sample size at which ``khat`` becomes acceptable: ``10 ** (1 / (1 - k))``."""
+    if not khat < 1:
+        return math.inf
+    return 10.0 ** (1.0 / (1.0 - max(khat, 0.0)))
+
+
+def psis(log_ratios, r_eff: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    r"""Pareto-smoothed importance sampling of log ratios, through ArviZ.
+
+    Fits a generalized Pareto distribution to the largest ratios of each row and replaces them
+    by the fitted quantiles (Vehtari et al. 2024). ArviZ 0.x's ``az.psislw`` takes the log
+    ratios as they are; ArviZ >= 1 (arviz-stats) negates its input, expecting log-likelihoods
+    for leave-one-out. This function passes the sign each installed version needs, so callers
+    always give log ratios :math:`\log p - \log q`.
+
+    :param log_ratios: array of shape ``(..., S)``; draws on the last axis. ``-inf`` (zero
+        weight) is allowed; ``NaN`` and ``+inf`` are not.
+    :param float r_eff: relative efficiency of the draws (1 for independent draws).
+    :return: ``(log_weights, khat)``: smoothed log weights normalised along the last axis
+        (``logsumexp == 0``), shape ``(..., S)``, and the Pareto :math:`\hat k` of each row,
+        shape ``(...)``.
+    :raises ValueError: for fewer than 10 draws, ``NaN`` or ``+inf``.
+    """
+    arr = np.array(log_ratios, dtype=np.float64, copy=True)
+    if arr.ndim < 1:
+        raise ValueError(f"log_ratios must have shape (..., S), got a scalar {log_ratios!r}")
+    if arr.shape[-1] < 10:
+        raise ValueError(
+            f"log_ratios must hold at least 10 draws on its last axis, got shape {arr.shape}"
+        )
+    if np.isnan(arr).any() or np.isposinf(arr).any():
+        raise ValueError("log_ratios must not contain NaN or +inf")
+    if np.isneginf(arr).all(axis=-1).any():
+        raise ValueError("log_ratios has a row where every draw has zero weight (-inf)")
+    if isinstance(r_eff, bool) or not isinstance(r_eff, numbers.Real) or not r_eff > 0:
+        raise ValueError(f"r_eff must be a positive float, got {r_eff!r}")
+    with warnings.catch_warnings():
+        # ArviZ warns about large k-hat in its own words; our callers give their own advice.
+        warnings.simplefilter("ignore")
+        if _arviz_major() >= 1:
+            from arviz_stats.base import array_stats
+
+            log_weights, khat = array_stats.psislw(-arr, r_eff=float(r_eff), axis=-1)
+        else:
+            import arviz as az
+
+            log_weights, khat = az.psislw(arr, reff=float(r_eff))
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    log_weights = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
+    return log_weights, np.asarray(khat, dtype=np.float64)
+
+
+def _log_mean_exp(x: np.ndarray) -> float:
+    return float(logsumexp(x) - math.log(x.size))
+
+
+def _evidence(log_w: np.ndarray) -> tuple[float, float]:
+    r"""``log Z_hat`` and its delta-method standard error.
+
+    .. math:: \operatorname{se}(\log \hat Z) \approx
+        \sqrt{\frac{\operatorname{Var}(w)}{S\, \bar w^2}}
+        = \sqrt{\frac{S \sum_s \bar w_s^2 - 1}{S}}, \qquad \bar w_s = w_s / \sum_t w_t.
+    """
+    s = log_w.size
+    norm = log_w - logsumexp(log_w)
+    sum_sq = float(np.exp(logsumexp(2 * norm)))
+    return _log_mean_exp(log_w), math.sqrt(max(s * sum_sq - 1.0, 0.0) / s)
+
+
+# --------------------------------------------------------------------------- results
+@dataclasses.dataclass(frozen=True)
+class VIDiagnostics:
+    r"""What :func:`vi_diagnostics` found. Arrays indexed by run have length ``R``.
+
+    :ivar int num_runs: ``R``, the number of independent runs (chains).
+    :ivar int num_draws: ``S``, draws per run.
+    :ivar float khat: the largest per-run Pareto :math:`\hat k` (each run is judged as a fit
+        of its own).
+    :ivar float khat_threshold: :func:`good_k_threshold` of ``S``.
+    :ivar numpy.ndarray khat_per_run: shape ``(R,)``.
+    :ivar float ess: importance ESS summed over runs, in ``[R, R * S]``.
+    :ivar numpy.ndarray ess_per_run: shape ``(R,)``, each the ESS
+        :math:`1/\sum_s \tilde w_s^2` of that run's Pareto-smoothed normalised weights.
+    :ivar float elbo: mean log weight over all draws (an estimate of the ELBO).
+    :ivar float elbo_se: its standard error.
+    :ivar numpy.ndarray elbo_per_run: shape ``(R,)``.
+    :ivar float log_evidence: :math:`\log \hat Z` from all draws (the runs' estimates of
+        :math:`Z` averaged).
+    :ivar float log_evidence_se: its delta-method standard error.
+    :ivar numpy.ndarray log_evidence_per_run: shape ``(R,)``.
+    :ivar numpy.ndarray log_evidence_se_per_run: shape ``(R,)``.
+    :ivar float evidence_spread: largest minus smallest per-run :math:`\log \hat Z` (0 for one
+        run).
+    :ivar rhat: the largest rank-normalised split :math:`\hat R` over every posterior variable
+        and element, across runs; ``None`` for a single run.
+    :ivar dict rhat_per_variable: variable name -> its largest :math:`\hat R` (empty for one
+        run).
+    :ivar component_mass: for :class:`~pyro_mogflow.AutoMixtureFlow` draws, shape ``(R, K)``:
+        the fraction of each run's draws that came from each component; else ``None``.
+    :ivar component_mass_psis: shape ``(R, K)``: the same masses after Pareto-smoothed
+        importance reweighting (the posterior mass each component accounts for); else ``None``.
+    :ivar tuple warnings: plain-language problems found, each with advice; empty if none.
+    :ivar tuple notes: caveats that are not failures (e.g. a single run cannot reveal a missed
+        mode).
+    """
+
+    num_runs: int
+    num_draws: int
+    khat: float
+    khat_threshold: float
+    khat_per_run: np.ndarray
+    ess: float
+    ess_per_run: np.ndarray
+    elbo: float
+    elbo_se: float
+    elbo_per_run: np.ndarray
+    log_evidence: float
+    log_evidence_se: float
+    log_evidence_per_run: np.ndarray
+    log_evidence_se_per_run: np.ndarray
+    evidence_spread: float
+    rhat: float | None
+    rhat_per_variable: dict
+    component_mass: np.ndarray | None
+    component_mass_psis: np.ndarray | None
+    warnings: tuple = ()
+    notes: tuple = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when no warning was raised (the notes still apply)."""
+        return not self.warnings
+
+    def __str__(self) -> str:
+        lines = [
+            f"VI diagnostics: {self.num_runs} run(s) x {self.num_draws} draws",
+            f"  Pareto k-hat      {self.khat:7.3f}   (good below {self.khat_threshold:.3f})",
+            f"  importance ESS    {self.ess:7.1f}   of {self.num_runs * self.num_draws}",
+            f"  ELBO              {self.elbo:10.3f} +- {self.elbo_se:.3f}",
+            f"  log evidence      {self.log_evidence:10.3f} +- {self.log_evidence_se:.3f}",
+        ]
+        if self.num_runs > 1:
+            lines.append(f"  evidence spread   {self.evidence_spread:10.3f} nats across runs")
+            if self.rhat is not None:
+                lines.append(f"  max R-hat         {self.rhat:10.3f} across runs")
+            per_run = ", ".join(f"{k:.2f}" for k in self.khat_per_run)
+            lines.append(f"  k-hat per run     {per_run}")
+            per_run = ", ".join(f"{z:.2f}" for z in self.log_evidence_per_run)
+            lines.append(f"  log Z per run     {per_run}")
+        if self.component_mass is not None:
+            for r in range(self.num_runs):
+                before = " ".join(f"{m:.2f}" for m in self.component_mass[r])
+                after = " ".join(f"{m:.2f}" for m in self.component_mass_psis[r])
+                lines.append(f"  run {r} component masses  q: {before}  ->  PSIS: {after}")
+        for w in self.warnings:
+            lines.append(f"  WARNING: {w}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        if not self.warnings:
+            lines.append("  no problems found")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- data access
+def _is_inference_data(data) -> bool:
+    return callable(getattr(data, "groups", None)) and hasattr(data, "_groups")
+
+
+def _is_datatree(data) -> bool:
+    return hasattr(data, "children") and hasattr(data, "to_dataset")
+
+
+def _group(data, name: str):
+    """The ``name`` group of an InferenceData or DataTree as an ``xarray.Dataset``, or None."""
+    if _is_inference_data(data):
+        return getattr(data, name) if name in data.groups() else None
+    if _is_datatree(data):
+        return data[name].to_dataset() if name in data.children else None
+    raise TypeError(
+        "data must be an arviz.InferenceData or an xarray.DataTree made by "
+        f"pyro_mogflow.to_inference_data, got {type(data).__name__}"
+    )
+
+
+def _sample_stats(data) -> tuple[object, np.ndarray]:
+    stats = _group(data, "sample_stats")
+    if stats is None or "log_weight" not in stats:
+        raise ValueError(
+            "data has no sample_stats.log_weight; make it with pyro_mogflow.to_inference_data, "
+            "which records log p (lp), log q (lp_approx) and log_weight = lp - lp_approx"
+        )
+    log_w = np.asarray(stats["log_weight"].transpose("chain", "draw").values, dtype=np.float64)
+    return stats, log_w
+
+
+def _rhat(posterior) -> tuple[float | None, dict]:
+    import arviz as az
+
+    if posterior is None or not len(posterior.data_vars):
+        return None, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rhat = az.rhat(posterior)
+    per_var = {}
+    for name in rhat.data_vars:
+        values = np.asarray(rhat[name].values, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            per_var[str(name)] = float(finite.max())
+    return (max(per_var.values()) if per_var else None), per_var
+
+
+def _component_masses(
+    component: np.ndarray, log_w_smoothed: np.ndarray, num_components: int
+) -> tuple[np.ndarray, np.ndarray]:
+    runs, draws = component.shape
+    before = np.zeros((runs, num_components))
+    after = np.zeros((runs, num_components))
+    for r in range(runs):
+        before[r] = np.bincount(component[r], minlength=num_components)[:num_components] / draws
+        weights = np.exp(log_w_smoothed[r])
+        after[r] = np.bincount(component[r], weights=weights, minlength=num_components)[
+            :num_components
+        ]
+    return before, after
+
+
+# ------------------------------------------------------------------------ entry point
+def _check_real(name: str, value, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite float >= {minimum}, got {value}")
+    return value
+
+
+def vi_diagnostics(
+    source,
+    model=None,
+    *,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    num_samples: int = 1000,
+    seed: int | None = None,
+    rhat_threshold: float = 1.01,
+    evidence_z: float = 4.0,
+    evidence_tol: float = 0.1,
+    warn: bool = True,
+) -> VIDiagnostics:
+    r"""Can this variational fit be trusted? Pareto :math:`\hat k`, ESS, ELBO, evidence, and
+    agreement between independent runs, with plain advice.
+
+    ``source`` is either what :func:`~pyro_mogflow.to_inference_data` returned (each chain one
+    independent run), or guides to draw from: one Pyro guide, a sequence of independently
+    fitted guides, or the :class:`~pyro_mogflow.IndependentFits` of
+    :func:`~pyro_mogflow.fit_independent` (then ``model`` and its arguments are needed, except
+    for :class:`~pyro_mogflow.IndependentFits`, which carries them).
+
+    For each run :math:`r` with draws :math:`z_{rs} \sim q_r` and log weights
+    :math:`\log w_{rs} = \log p(x, z_{rs}) - \log q_r(z_{rs})`:
+
+    .. math::
+        \widehat{\mathrm{ELBO}}_r = \frac1S \sum_s \log w_{rs}, \qquad
+        \log \hat Z_r = \log \frac1S \sum_s w_{rs}.
+
+    Pooled over runs, :math:`\log \hat Z = \log \frac{1}{RS} \sum_{r,s} w_{rs}` (each run's
+    :math:`\hat Z_r` is unbiased for :math:`Z` when :math:`q_r` covers the posterior, so their
+    mean is too). Pareto :math:`\hat k` and the ESS come from :func:`psis`, run by run.
+
+    Warnings (each also issued as a :class:`VIDiagnosticsWarning` when ``warn``):
+
+    * :math:`\hat k > 0.7` for some run: importance weights too heavy-tailed to be repaired;
+    * :math:`k_{\text{good}}(S) < \hat k \le 0.7`, or fewer than 100 draws per run: too few
+      draws for this :math:`\hat k`;
+    * runs disagree: :math:`\max \hat R >` ``rhat_threshold``, or the per-run
+      :math:`\log \hat Z_r` span more than ``evidence_tol`` plus ``evidence_z`` standard errors.
+      The warning says plainly that :math:`\hat k` cannot detect modes the guide never visits.
+
+    :param source: an ``arviz.InferenceData`` / ``xarray.DataTree`` from
+        :func:`~pyro_mogflow.to_inference_data`, a guide, a sequence of guides, or an
+        :class:`~pyro_mogflow.IndependentFits`.
+    :param callable model: the Pyro model, when ``source`` holds guides.
+    :param tuple model_args: the model's positional arguments, when ``source`` holds guides.
+    :param dict model_kwargs: the model's keyword arguments, when ``source`` holds guides.
+    :param int num_samples: draws per run, when ``source`` holds guides (default 1000).
+    :param seed: seed for those draws (``None``: the global random state).
+    :param float rhat_threshold: largest acceptable :math:`\hat R` across runs (default 1.01,
+        Vehtari et al. 2021).
+    :param float evidence_z: how many standard errors of the difference two runs' evidence
+        estimates may differ by (default 4).
+    :param float evidence_tol: extra slack in nats on that difference (default 0.1).
+    :param bool warn: also issue the warnings with :func:`warnings.warn` (default True).
+    :return: a :class:`VIDiagnostics`; ``print`` it for a summary.
+
+    References: Yao et al. (2018); Vehtari et al. (2024); Vehtari et al. (2021).
+    """
+    rhat_threshold = _check_real("rhat_threshold", rhat_threshold, minimum=1.0)
+    evidence_z = _check_real("evidence_z", evidence_z)
+    evidence_tol = _check_real("evidence_tol", evidence_tol)
+    if not isinstance(warn, bool):
+        raise TypeError(f"warn must be a bool, got {type(warn).__name__}")
+    if _is_inference_data(source) or _is_datatree(source):
+        if model is not None:
+            raise ValueError(
+                "model must be None when source is already an InferenceData/DataTree; it is "
+                "only needed to draw from guides"
+            )
+        data = source
+    else:
+        data = _draw(source, model, model_args, model_kwargs, num_samples, seed)
+    return _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn)
+
+
+def _draw(source, model, model_args, model_kwargs, num_samples, seed):
+    from .arviz import to_inference_data
+    from .runs import IndependentFits
+
+    if isinstance(source, IndependentFits):
+        if model is not None or model_args or model_kwargs:
+            raise ValueError(
+                "model, model_args and model_kwargs must not be given with an IndependentFits, "
+                "which carries its own"
+            )
+        return source.to_inference_data(
+            num_samples=num_samples,
+            seed=seed,
+            posterior_predictive=False,
+            log_likelihood=False,
+        )
+    if model is None:
+        raise ValueError(
+            "model is required when source is a guide or a sequence of guides, got None"
+        )
+    guides = source if isinstance(source, Sequence) else [source]
+    return to_inference_data(
+        None,
+        model,
+        guides=list(guides),
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        num_samples=num_samples,
+        seed=seed,
+        posterior_predictive=False,
+        log_likelihood=False,
+    )
+
+
+def _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn) -> VIDiagnostics:
+    stats, log_w = _sample_stats(data)
+    if not np.isfinite(log_w).all():
+        bad = int((~np.isfinite(log_w)).sum())
+        raise ValueError(
+            f"sample_stats.log_weight has {bad} non-finite value(s): the model's log density is "
+            "-inf, +inf or NaN at some guide draws (a draw outside the support, or an overflow); "
+            "check the model and the guide's constraints"
+        )
+    runs, draws = log_w.shape
+    if draws < 10:
+        raise ValueError(f"need at least 10 draws per run for Pareto smoothing, got {draws}")
+
+    smoothed_runs, khat_runs = psis(log_w)
+    khat_runs = np.asarray(khat_runs, dtype=np.float64).reshape(runs)
+    khat = float(khat_runs.max())
+    ess_runs = 1.0 / np.exp(logsumexp(2 * smoothed_runs, axis=-1))
+    ess = float(ess_runs.sum())
+
+    elbo_runs = log_w.mean(axis=1)
+    elbo = float(log_w.mean())
+    elbo_se = float(log_w.std(ddof=1) / math.sqrt(log_w.size))
+    evidence_runs = [_evidence(log_w[r]) for r in range(runs)]
+    log_z_runs = np.array([z for z, _ in evidence_runs])
+    log_z_se_runs = np.array([se for _, se in evidence_runs])
+    log_z, log_z_se = _evidence(log_w.reshape(-1))
+    spread = float(log_z_runs.max() - log_z_runs.min())
+
+    rhat, rhat_per_var = (None, {})
+    if runs > 1:
+        rhat, rhat_per_var = _rhat(_group(data, "posterior"))
+
+    mass = mass_psis = None
+    if "component" in stats:
+        component = np.asarray(stats["component"].transpose("chain", "draw").values).astype(int)
+        k = int(stats.attrs.get("num_components", component.max() + 1))
+        mass, mass_psis = _component_masses(component, smoothed_runs, k)
+
+    threshold = good_k_threshold(draws)
+    found: list[str] = []
+    notes: list[str] = []
+    worst_run = f" (run {int(khat_runs.argmax())})" if runs > 1 else ""
+    if khat > 0.7:
+        found.append(
+            f"Pareto k-hat = {khat:.2f}{worst_run} > 0.7: the importance weights p/q are too "
+            "heavy-tailed, "
+            "so the guide under-covers part of the posterior and importance-sampling estimates "
+            "(evidence, reweighted expectations) cannot be trusted. Fit a richer guide (more "
+            "mixture components or flow layers), train longer, or compare with MCMC."
+        )
+    elif khat > threshold:
+        need = _min_draws_for(khat)
+        found.append(
+            f"too few draws: Pareto k-hat = {khat:.2f}{worst_run} is above the threshold "
+            f"{threshold:.2f} for {draws} draws; draw at least {math.ceil(need)} per run "
+            "(to_inference_data(num_samples=...)) before trusting importance-sampling estimates."
+        )
+    if draws < _MIN_DRAWS:
+        found.append(
+            f"too few draws: {draws} per run makes k-hat and the evidence estimate noisy "
+            f"themselves; use at least {_MIN_DRAWS} (1000 or more is better)."
+        )
+    if runs > 1:
+        i, j = int(log_z_runs.argmax()), int(log_z_runs.argmin())
+        pair_se = math.sqrt(log_z_se_runs[i] ** 2 + log_z_se_runs[j] ** 2)
+        evidence_disagree = spread > evidence_tol + evidence_z * pair_se
+        rhat_disagree = rhat is not None and rhat > rhat_threshold
+        if evidence_disagree or rhat_disagree:
+            reasons = []
+            if rhat_disagree:
+                worst = max(rhat_per_var, key=rhat_per_var.get)
+                reasons.append(
+                    f"R-hat across runs is {rhat:.3f} > {rhat_threshold:g} (worst: {worst!r})"
+                )
+            if evidence_disagree:
+                reasons.append(
+                    f"the runs' log-evidence estimates span {spread:.2f} nats "
+                    f"({spread / max(pair_se, 1e-300):.1f} standard errors)"
+                )
+            if evidence_disagree or rhat > _RHAT_MODES:
+                cause = (
+                    "At least one run settled on a different part of the posterior, although "
+                    "each may look fine on its own"
+                )
+            else:
+                cause = (
+                    "The runs have not converged to the same fit (train longer or decay the "
+                    "learning rate), or they settled on different parts of the posterior"
+                )
+            found.append(
+                f"runs disagree: {'; '.join(reasons)}. {cause}: {MISSED_MODES_WARNING}. Use a "
+                "guide that can hold several modes (e.g. AutoMixtureFlow with more "
+                "components), anneal the target, or fit again and compare; do not trust a "
+                "single run."
+            )
+    else:
+        notes.append(
+            "a single run cannot reveal a mode the guide never visited: "
+            f"{MISSED_MODES_WARNING}. Compare several independent runs "
+            "(pyro_mogflow.fit_independent) to check."
+        )
+    if warn:
+        for message in found:
+            warnings.warn(message, VIDiagnosticsWarning, stacklevel=3)
+    return VIDiagnostics(
+        num_runs=runs,
+        num_draws=draws,
+        khat=float(khat),
+        khat_threshold=threshold,
+        khat_per_run=np.asarray(khat_runs, dtype=np.float64).reshape(runs),
+        ess=ess,
+        ess_per_run=ess_runs,
+        elbo=elbo,
+        elbo_se=elbo_se,
+        elbo_per_run=elbo_runs,
+        log_evidence=log_z,
+        log_evidence_se=log_z_se,
+        log_evidence_per_run=log_z_runs,
+        log_evidence_se_per_run=log_z_se_runs,
+        evidence_spread=spread,
+        rhat=rhat,
+        rhat_per_variable=rhat_per_var,
+        component_mass=mass,
+        component_mass_psis=mass_psis,
+        warnings=tuple(found),
+        notes=tuple(notes),
+    )
