@@ -300,9 +300,7 @@ class AutoMixtureFlow(AutoContinuous):
         )
         self.logits = PyroParam(torch.zeros(k, dtype=loc.dtype, device=loc.device), event_dim=1)
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
-        self._guard = None
-        if self.flow is not None and is_forward_only(self.flow):
-            self._guard = ForwardOnlyGuard(self.flow, name=str(self.flow_name))
+        self._forward_only = self.flow is not None and is_forward_only(self.flow)
 
     def _check_sites(self):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -402,7 +400,12 @@ class AutoMixtureFlow(AutoContinuous):
         """The flow applied to the base (identity when ``flow=None``)."""
         if self.flow is None:
             return ComposeTransform([])
-        return self._guard if self._guard is not None else self.flow
+        if self._forward_only:
+            # One guard per posterior: it scores exactly the points that posterior sampled, so
+            # traces kept from earlier draws (sequential Predictive) stay scoreable, and a
+            # point it did not produce raises instead of getting a stale log-det.
+            return ForwardOnlyGuard(self.flow, name=str(self.flow_name))
+        return self.flow
 
     def get_posterior(self, *args, **kwargs):
         """``q(z)`` on the packed unconstrained latent, event shape ``(latent_dim,)``."""

@@ -267,8 +267,10 @@ class ForwardOnlyGuard(Transform):
         )
 
     def log_abs_det_jacobian(self, x, y):
-        if self._last is None or self._last[0] is not x:
-            y = self._call(x)
+        # Run the forward map again before asking for the log-det: free when the layers' caches
+        # still hold x, and a recomputation when anything else ran the flow since (another
+        # sample, ``components()``), whose stored log-dets some layers would otherwise return.
+        y = self.transform(x)
         return self.transform.log_abs_det_jacobian(x, y)
 
 
