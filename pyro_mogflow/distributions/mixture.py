@@ -39,7 +39,7 @@ __all__ = ["DiagNormalMixture", "implicit_mixture_rsample", "mixture_rosenblatt"
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: Upper bound on the number of elements of the ``(N, D, D)`` triangular systems solved at once
 #: in the backward pass; larger batches are solved in chunks of samples.
-_MAX_SYSTEM_NUMEL = 1 << 24
+_MAX_SYSTEM_NUMEL = 1 << 20
 
 
 def _conditionals(
