@@ -164,10 +164,17 @@ class _ResampleObserved(Messenger):
             msg["done"] = False
 
 
-def _per_draw(t, n: int, max_plate_nesting: int) -> torch.Tensor:
-    """Sum a log-density term to one value per draw; the draws dim, if present, is dim 0."""
+def _per_draw(t, n: int, max_plate_nesting: int | None) -> torch.Tensor:
+    """Sum a log-density term to one value per draw, shape ``(n,)``.
+
+    Under the outer draws plate (``max_plate_nesting`` an int) a term that depends on the draw
+    has at least ``max_plate_nesting + 1`` dims and the draws dim first; without it (``None``,
+    one unbatched draw) the whole term belongs to the single draw.
+    """
     if not torch.is_tensor(t):
         return torch.full((n,), float(t))
+    if max_plate_nesting is None:
+        return t.sum().reshape(1)
     if t.dim() < max_plate_nesting + 1:  # does not depend on the draw
         return t.sum().expand(n)
     return t.reshape(t.shape[0], -1).sum(-1).expand(n)
@@ -196,8 +203,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return np.array(t.detach().cpu().numpy(), copy=True)
 
 
-def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int):
-    """Exact draws of an AutoMixtureFlow: component, base point, flow, constraints; and log q."""
+def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int | None):
+    """Exact draws of an AutoMixtureFlow: component, base point, flow, constraints; and log q.
+
+    ``max_plate_nesting=None`` draws one point laid out unbatched (the model's own shapes).
+    """
     logits = guide.logits.detach()
     locs = guide.locs.detach()
     scales = guide.scales.detach()
@@ -209,7 +219,10 @@ def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int):
     if guide.flow is not None:
         z = guide.flow(z0)
         log_q = log_q - guide.flow.log_abs_det_jacobian(z0, z)
-    latent = z.reshape((n,) + (1,) * max_plate_nesting + (z.shape[-1],))
+    if max_plate_nesting is None:
+        latent = z.reshape(z.shape[-1])
+    else:
+        latent = z.reshape((n,) + (1,) * max_plate_nesting + (z.shape[-1],))
     values = {}
     for site, unconstrained in guide._unpack_latent(latent):
         transform = biject_to(site["fn"].support)
@@ -221,9 +234,9 @@ def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int):
     return values, log_q, component
 
 
-def _guide_draws(guide, plate, n, max_plate_nesting, args, kwargs):
+def _guide_draws(guide, n, max_plate_nesting, args, kwargs):
     """Draws of any guide under an outer plate, with log q = the guide trace's log density."""
-    with plate:
+    with _vectorized(n, max_plate_nesting):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     log_q = None
     values = {}
@@ -252,17 +265,34 @@ class _Chain:
     component: np.ndarray | None
 
 
+@contextmanager
+def _vectorized(n: int, mpn: int | None):
+    """The outer plate over draws; ``mpn=None`` runs one draw with no plate at all."""
+    if mpn is None:
+        yield
+        return
+    try:
+        with pyro.plate(_DRAWS_PLATE, n, dim=-(mpn + 1)):
+            yield
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise RuntimeError(
+            f"running the model or guide on a batch of {n} draws in an outer plate failed: "
+            f"{e}\nIf the model does not vectorize (e.g. it computes x @ w on a latent site or "
+            "calls .item()), pass batch_size=1 to draw one at a time without a plate."
+        ) from e
+
+
 def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
-    plate = pyro.plate(_DRAWS_PLATE, n, dim=-(mpn + 1))
+    """``n`` draws of one guide with everything the groups need (``mpn=None``: unbatched)."""
     latent_names = [s.name for s in sites.values() if s.kind == "latent"]
     observed = [s.name for s in sites.values() if s.kind == "observed"]
     component = None
     if isinstance(guide, AutoMixtureFlow):
         values, log_q, component = _mixture_flow_draws(guide, n, mpn)
     else:
-        values, log_q = _guide_draws(guide, plate, n, mpn, args, kwargs)
+        values, log_q = _guide_draws(guide, n, mpn, args, kwargs)
     data = {k: v for k, v in values.items() if k in sites and sites[k].kind == "latent"}
-    with plate:
+    with _vectorized(n, mpn):
         trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
     lp = torch.zeros(n, dtype=log_q.dtype, device=log_q.device)
     out = {"values": {}, "log_lik": {}, "log_prior": {}, "predictive": {}}
@@ -290,7 +320,7 @@ def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
     if want["posterior_predictive"] and observed:
         fixed = {k: trace.nodes[k]["value"] for k in latent_names if k in trace.nodes}
         resampled = _ResampleObserved(observed)(poutine.condition(model, data=fixed))
-        with plate:
+        with _vectorized(n, mpn):
             ptrace = poutine.trace(resampled).get_trace(*args, **kwargs)
         for name in observed:
             out["predictive"][name] = _to_draws(
@@ -309,9 +339,10 @@ def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
 
 def _draw_chain(guide, model, args, kwargs, num_samples, batch_size, sites, mpn, want):
     parts = []
+    batched_mpn = None if batch_size == 1 else mpn
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        parts.append(_draw_batch(guide, model, args, kwargs, n, sites, mpn, want))
+        parts.append(_draw_batch(guide, model, args, kwargs, n, sites, batched_mpn, want))
     if len(parts) == 1:
         return parts[0]
 
@@ -603,7 +634,9 @@ def to_inference_data(
     and the constraints; ``sample_stats.component`` records :math:`k`.
 
     Draws are evaluated ``batch_size`` at a time in an outer ``pyro.plate`` (as
-    ``Predictive(parallel=True)`` does), so the model must annotate its batch dims with plates.
+    ``Predictive(parallel=True)`` does), so the model must annotate its batch dims with plates;
+    with ``batch_size=1`` each draw runs alone, without that plate, in the model's own shapes
+    (slower, but any model works).
 
     Shapes: ``posterior`` variables are ``(chain, draw, *site_shape)`` with padding dims of
     size 1 (those that are no plate of the site) squeezed; dims are named after plates, others
@@ -625,8 +658,8 @@ def to_inference_data(
     :param dict dims: ``{variable: [dim names]}`` for the kept (non-squeezed) dims of a site.
     :param seed: seed for the draws (``None``: the global random state). A seed does not
         change the global random state.
-    :param batch_size: draws per model evaluation (default: all at once); 1 for models that
-        cannot run under an outer plate.
+    :param batch_size: draws per model evaluation (default: all at once); 1 runs each draw
+        alone, without an outer plate, for models that do not vectorize.
     :param max_plate_nesting: the model's plate nesting (default: read from one run).
     :return: ``arviz.InferenceData`` with ArviZ < 1; an ``xarray.DataTree`` with ArviZ >= 1.
         Attributes mark it as a variational approximation (``posterior_approximation``).

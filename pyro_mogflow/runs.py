@@ -222,13 +222,13 @@ def fit_independent(
                         f"AutoMixtureFlow) so each run keeps its own parameters; got "
                         f"{type(guide).__name__}"
                     )
+                if any(guide is g for g in guides):
+                    raise ValueError("make_guide returned the same guide twice; build a new one")
                 if isinstance(guide, AutoGuide) and guide.prototype_trace is not None:
                     raise ValueError(
                         "make_guide returned a guide that has already been run; return a new "
                         "guide on every call, e.g. make_guide=lambda m: AutoNormal(m)"
                     )
-                if any(guide is g for g in guides):
-                    raise ValueError("make_guide returned the same guide twice; build a new one")
                 _claim_free_name(guide)
                 svi = SVI(model, guide, copy.deepcopy(optim), copy.deepcopy(loss))
                 for step in range(num_steps):
