@@ -141,6 +141,7 @@ class StratifiedELBO(ELBO):
             retain_graph=retain_graph,
         )
         self.importance_weighted = importance_weighted
+        self._nesting_checked = False
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -169,6 +170,11 @@ class StratifiedELBO(ELBO):
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         """Set :attr:`max_plate_nesting` from one run of the model at the guide's prototype."""
+        self.max_plate_nesting = self._model_plate_nesting(model, guide, args, kwargs)
+
+    @staticmethod
+    def _model_plate_nesting(model, guide, args, kwargs) -> int:
+        """How many plates the model nests, from one run at the guide's prototype values."""
         with poutine.block():
             trace = poutine.trace(poutine.replay(model, trace=guide.prototype_trace)).get_trace(
                 *args, **kwargs
@@ -180,7 +186,7 @@ class StratifiedELBO(ELBO):
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         ]
-        self.max_plate_nesting = -min(dims) if dims else 0
+        return -min(dims) if dims else 0
 
     # ------------------------------------------------------------------ traces
     def _get_trace(self, model, guide, args, kwargs):
@@ -194,6 +200,15 @@ class StratifiedELBO(ELBO):
             guide._setup_prototype(*args, **kwargs)
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
+        elif not self._nesting_checked:
+            needed = self._model_plate_nesting(model, guide, args, kwargs)
+            if self.max_plate_nesting < needed:
+                raise ValueError(
+                    f"max_plate_nesting={self.max_plate_nesting}, but the model nests {needed} "
+                    "plate(s) (found by running it at the guide's initial values). Pass "
+                    f"max_plate_nesting >= {needed}, or leave it out to have it inferred."
+                )
+            self._nesting_checked = True
         nesting = self.max_plate_nesting + 1
         size = guide.num_components * self.num_particles
         with guide.stratified(self.num_particles, particle_dim=-nesting) as draw:
