@@ -264,19 +264,37 @@ def test_pathwise_baseline_is_biased_where_implicit_is_not():
 
 
 # ----------------------------------------------------------------------------- numerics
-def test_float32_finite_at_d1000_k32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_finite_at_d1000_k32(device):
     torch.manual_seed(8)
     k, d = 32, 1000
-    logits = torch.randn(k).requires_grad_()
-    locs = torch.randn(k, d).requires_grad_()
-    scales = torch.full((k, d), 0.1).requires_grad_()
+    logits = torch.randn(k, device=device).requires_grad_()
+    locs = torch.randn(k, d, device=device).requires_grad_()
+    scales = torch.full((k, d), 0.1, device=device).requires_grad_()
     q = DiagNormalMixture(logits, locs, scales)
     z = q.rsample((4,))
     loss = (z - 0.5).pow(2).sum() - q.log_prob(z).sum()
     grads = torch.autograd.grad(loss, (logits, locs, scales))
     assert torch.isfinite(loss)
     for g in grads:
-        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert g.dtype == torch.float32 and g.device.type == device and torch.isfinite(g).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_gradient_matches_cpu(dtype):
+    torch.manual_seed(12)
+    base = _params((), k=4, d=6, dtype=dtype)
+    z = DiagNormalMixture(*base).sample((16,))
+    g = torch.randn(16, 6, dtype=dtype)
+    out = {}
+    for device in ("cpu", "cuda"):
+        params = [t.to(device).requires_grad_() for t in base]
+        zz = implicit_mixture_rsample(z.to(device), *params)
+        out[device] = torch.autograd.grad((zz * g.to(device)).sum(), params)
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(b.cpu(), a)
 
 
 def test_float32_gradient_agrees_with_float64_at_d1000():
