@@ -163,6 +163,83 @@ class Target:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         return int((self.mode_masses(samples) >= threshold).sum())
 
+    @property
+    def max_plate_nesting(self) -> int:
+        """The number of plate dimensions the model uses (for vectorized ELBOs and weights)."""
+        trace = poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
+        dims = [
+            -frame.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        return max(dims, default=0)
+
+    def log_joint_batch(self, values: dict) -> torch.Tensor:
+        r"""The unnormalised log posterior :math:`\log p(y, \theta_b)` at a batch of points.
+
+        The model runs once, vectorized under an extra plate left of its own plates.
+
+        :param dict values: site name -> tensor of shape ``(B, *site_shape)`` for every latent
+            site (constrained space), with the same ``B`` for all sites.
+        :return: shape ``(B,)``.
+        """
+        if not isinstance(values, dict) or not values:
+            raise TypeError(f"values must be a non-empty dict site -> tensor, got {values!r}")
+        sizes = {
+            k: (v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else None)
+            for k, v in values.items()
+        }
+        if None in sizes.values() or len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"values must be tensors sharing a leading batch size B, got sizes {sizes}"
+            )
+        batch = next(iter(sizes.values()))
+        nesting = self.max_plate_nesting
+        dim = -(nesting + 1)
+        prototype = poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
+        aligned = {}
+        for name, value in values.items():
+            site = prototype.nodes.get(name)
+            if site is None or site["type"] != "sample" or site["is_observed"]:
+                raise ValueError(f"values has {name!r}, which is not a latent site of the model")
+            event = site["value"].shape[len(site["fn"].batch_shape) :]
+            site_shape = site["value"].shape
+            if value.shape[1:] != site_shape:
+                raise ValueError(
+                    f"values[{name!r}] must have shape (B, {', '.join(map(str, site_shape))}), "
+                    f"got {tuple(value.shape)}"
+                )
+            # put B on the batch plate's dim, left of the site's own batch dims
+            pad = nesting - (len(site_shape) - len(event))
+            aligned[name] = value.reshape((batch,) + (1,) * max(pad, 0) + tuple(site_shape))
+        with pyro.plate("_log_joint_batch", batch, dim=dim):
+            trace = poutine.trace(poutine.condition(self.model, data=aligned)).get_trace(
+                *self.args, **self.kwargs
+            )
+        missing = [
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and not site_is_subsample(site)
+            and name not in values
+        ]
+        if missing:
+            raise ValueError(f"values must give every latent site; missing {missing}")
+        trace.compute_log_prob()
+        first = next(iter(values.values()))
+        total = torch.zeros(batch, dtype=first.dtype, device=first.device)
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            lp = site["log_prob"]
+            # left-pad to (B or 1, *plate dims), then sum the model's own plate dims
+            lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
+            total = total + lp.reshape(lp.shape[0], -1).sum(-1)
+        return total
+
     def log_joint(self, values: dict) -> torch.Tensor:
         r"""The unnormalised log posterior :math:`\log p(y, \theta)` at one point.
 
