@@ -341,6 +341,22 @@ def test_other_elbo_on_stratified_guide_warns_and_stays_finite():
     assert math.isfinite(loss)
 
 
+def test_finite_in_float32_at_high_dimension():
+    """D = 1000, K = 32, float32, components far apart: loss and gradients stay finite."""
+    pyro.set_rng_seed(8)
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(1000), 1.0).to_event(1))
+
+    guide = _make_guide(model, (), torch.float32, k=32, init_spread=3.0, init_scale=0.01)
+    loss = StratifiedELBO(num_particles=2, importance_weighted=True).differentiable_loss(
+        model, guide
+    )
+    grads = torch.autograd.grad(loss, [guide.logits_unconstrained, guide.scales_unconstrained])
+    assert bool(torch.isfinite(loss))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 # -------------------------------------------------------------------------------- errors
 def test_rejects_other_guides():
     y = torch.tensor(CONJ_Y)
