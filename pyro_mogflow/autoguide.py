@@ -262,9 +262,11 @@ class AutoMixtureFlow(AutoContinuous):
         try:
             super()._setup_prototype(*args, **kwargs)
         except (NotImplementedError, ValueError, TypeError):
-            if self.prototype_trace is not None:
-                self._check_sites()  # raises a clearer error if a site is discrete
-            self.prototype_trace = None
+            try:
+                if self.prototype_trace is not None:
+                    self._check_sites()  # raises a clearer error if a site is discrete
+            finally:
+                self.prototype_trace = None
             raise
         try:
             self._check_sites()
@@ -551,7 +553,12 @@ class AutoMixtureFlow(AutoContinuous):
         :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
         :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
         """
-        q = torch.as_tensor(quantiles, dtype=torch.get_default_dtype())
+        try:
+            q = torch.as_tensor(quantiles, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
+            ) from e
         if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
             raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
         latent = self._sample_unconstrained(self.num_quantile_samples, *args, **kwargs)
