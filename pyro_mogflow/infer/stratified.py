@@ -196,8 +196,7 @@ class StratifiedELBO(ELBO):
             guide's :class:`~pyro_mogflow.autoguide.StratifiedDraw`.
         """
         self._check_guide(guide)
-        if guide.prototype_trace is None:
-            guide._setup_prototype(*args, **kwargs)
+        guide.setup(*args, **kwargs)  # outside the particle plate; a no-op once set up
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         elif not self._nesting_checked:
