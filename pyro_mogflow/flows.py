@@ -111,20 +111,38 @@ register_flow(
     invertible=True,
     description="IAF / MAF (Kingma et al. 2016; Papamakarios et al. 2017)",
 )
+
+
+def _zero_(*tensors):
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.zero_()
+
+
+# Spline layers start near the identity: zero spline parameters mean equal bins, which map each
+# knot to itself. Pyro's own initialisation (random conditioner outputs; randn for coupling's
+# pass-through spline) bends the whole +-bound box: on an 11-dimensional test model the initial
+# -ELBO was 50-420 nats against 8 without a flow. Zeroing the conditioner's last layer keeps
+# every other weight random, so gradients reach the whole network from the second step on.
+def _spline_autoregressive(d, h, **kw):
+    layer = T.spline_autoregressive(d, hidden_dims=_hidden(h, d), **_spline_kwargs(kw))
+    last = layer.arn.layers[-1]
+    _zero_(last.weight, last.bias)
+    return layer
+
+
 register_flow(
     "spline_autoregressive",
-    lambda d, h, **kw: T.spline_autoregressive(d, hidden_dims=_hidden(h, d), **_spline_kwargs(kw)),
+    _spline_autoregressive,
     invertible=True,
     description="autoregressive neural spline flow (Durkan et al. 2019)",
 )
+
+
 def _spline_coupling(d, h, **kw):
     layer = T.spline_coupling(d, hidden_dims=_hidden(h, d), **_spline_kwargs(kw))
-    # Pyro draws the pass-through half's elementwise spline from randn, which bends the whole
-    # box far from the identity: the initial ELBO of a small model was ~40x worse than with any
-    # other flow. Zero parameters give equal bins, i.e. a spline close to the identity.
-    with torch.no_grad():
-        for param in layer.lower_spline.parameters():
-            param.zero_()
+    last = layer.upper_spline.nn.layers[-1]
+    _zero_(last.weight, last.bias, *layer.lower_spline.parameters())
     return layer
 
 
