@@ -293,8 +293,10 @@ def test_cuda_gradient_matches_cpu(dtype):
         params = [t.to(device).requires_grad_() for t in base]
         zz = implicit_mixture_rsample(z.to(device), *params)
         out[device] = torch.autograd.grad((zz * g.to(device)).sum(), params)
+    # the two devices solve the triangular systems in different orders: rounding differs
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
     for a, b in zip(out["cpu"], out["cuda"]):
-        torch.testing.assert_close(b.cpu(), a)
+        torch.testing.assert_close(b.cpu(), a, rtol=rtol, atol=rtol * float(a.abs().max()))
 
 
 def test_float32_gradient_agrees_with_float64_at_d1000():
