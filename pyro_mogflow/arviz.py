@@ -695,6 +695,7 @@ def to_inference_data(
         raise ImportError("to_inference_data needs arviz: pip install arviz") from e
 
     args, kwargs = tuple(model_args), dict(model_kwargs)
+    _check_distinct_names(guides_list)
     with torch.no_grad(), _seeded(seed):
         protos = [_prototype(g, model, args, kwargs, max_plate_nesting) for g in guides_list]
         _check_same_model(protos)
@@ -737,7 +738,35 @@ def _check_same_model(protos) -> None:
             )
 
 
+_SHARED_PARAMS_ADVICE = (
+    "so they are one fit, not independent runs. Fit each run with "
+    "pyro_mogflow.fit_independent (which gives each guide its own names) or use "
+    "AutoMixtureFlow (which claims a free name); guides fitted under "
+    "pyro.settings.context(module_local_params=True) can be exported under that setting too."
+)
+
+
+def _check_distinct_names(guides) -> None:
+    """Before any guide runs: two PyroModule guides with one name share the param store."""
+    if len(guides) < 2 or pyro.settings.get("module_local_params"):
+        return
+    seen: dict[str, int] = {}
+    for i, g in enumerate(guides):
+        name = getattr(g, "_pyro_name", None) if isinstance(g, torch.nn.Module) else None
+        if not name:
+            continue
+        if name in seen and guides[seen[name]] is not g:
+            raise ValueError(
+                f"guides[{seen[name]}] and guides[{i}] are both named {name!r} in Pyro's global "
+                f"param store, {_SHARED_PARAMS_ADVICE}"
+            )
+        if name in seen:
+            raise ValueError(f"guides[{seen[name]}] and guides[{i}] are the same guide")
+        seen[name] = i
+
+
 def _check_disjoint_params(guides, protos) -> None:
+    """After one run of each guide: no parameter read by two guides (function guides too)."""
     if len(guides) < 2 or pyro.settings.get("module_local_params"):
         return
     seen: dict[str, int] = {}
@@ -746,9 +775,7 @@ def _check_disjoint_params(guides, protos) -> None:
             if name in seen:
                 raise ValueError(
                     f"guides[{seen[name]}] and guides[{i}] both read parameter {name!r} from "
-                    "Pyro's global param store, so they are one fit, not independent runs. Fit "
-                    "each run with pyro_mogflow.fit_independent (which gives each guide its own "
-                    "names), or use AutoMixtureFlow (which claims a free name)."
+                    f"Pyro's global param store, {_SHARED_PARAMS_ADVICE}"
                 )
             seen[name] = i
 

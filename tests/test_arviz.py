@@ -11,6 +11,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_sample
 from torch.distributions import biject_to
 
 from pyro_mogflow import AutoMixtureFlow, to_inference_data, vi_loo
@@ -259,6 +260,39 @@ def test_guides_sharing_the_param_store_are_rejected():
     second(y)
     with pytest.raises(ValueError, match="one fit, not independent runs"):
         to_inference_data(None, rich_model, guides=[first, second], model_args=(y,))
+    with pytest.raises(ValueError, match="the same guide"):
+        to_inference_data(None, rich_model, guides=[first, first], model_args=(y,))
+
+    def function_guide(y):  # plain guides share parameters by name, caught after one call
+        loc = pyro.param("loc", torch.zeros((), dtype=y.dtype))
+        pyro.sample("mu", dist.Normal(loc, 1.0))
+        pyro.sample("sigma", dist.LogNormal(loc, 1.0))
+        pyro.sample("v", dist.Normal(loc, 1.0).expand([3]).to_event(1))
+        pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
+        with pyro.plate("group", 2, dim=-2):
+            pyro.sample("a", dist.Normal(loc, 1.0))
+
+    with pytest.raises(ValueError, match="both read parameter 'loc'"):
+        to_inference_data(
+            None, rich_model, guides=[function_guide, lambda y: function_guide(y)], model_args=(y,)
+        )
+
+
+def test_module_local_guides_can_share_a_name():
+    y = _data()
+    with pyro.settings.context(module_local_params=True):
+        guides = []
+        for seed in range(2):
+            pyro.set_rng_seed(seed)
+            g = AutoNormal(rich_model, init_loc_fn=init_to_sample)
+            g(y)
+            guides.append(g)
+        idata = to_inference_data(None, rich_model, guides=guides, model_args=(y,), num_samples=5)
+    assert idata.posterior.sizes["chain"] == 2
+    for r, g in enumerate(guides):  # chain r holds guide r's draws, not the other's
+        loc, scale = (float(t.detach()) for t in g._get_loc_and_scale("mu"))
+        z = (idata.posterior["mu"].values[r] - loc) / scale
+        assert np.abs(z).max() < 6
 
 
 # ---------------------------------------------------------------------------- copies
