@@ -4,6 +4,7 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 """
 
 from ._version import __version__
+from .amortized import AmortizedMixtureFlow
 from .arviz import to_inference_data, vi_loo
 from .autoguide import ESTIMATORS, AutoMixtureFlow
 from .diagnostics import vi_diagnostics
@@ -22,6 +23,7 @@ from .runs import IndependentFits, fit_independent
 
 __all__ = [
     "__version__",
+    "AmortizedMixtureFlow",
     "AutoMixtureFlow",
     "DiagNormalMixture",
     "ESTIMATORS",

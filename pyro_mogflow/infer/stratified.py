@@ -22,9 +22,10 @@ from typing import NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide import AutoGuideList
+from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
@@ -253,6 +254,8 @@ class StratifiedELBO(ELBO):
         return StratifiedParticles(log_ratio.reshape(k, n), draw.log_weights, draw.latent)
 
     def _objective(self, model, guide, args, kwargs) -> torch.Tensor:
+        if _is_local_guide(guide):  # a user's guide with an amortized site (see below)
+            return _local_objective(self, model, guide, args, kwargs)
         log_ratio, log_weights, _ = self.particles(model, guide, *args, **kwargs)
         if self.importance_weighted:
             joint = log_weights.unsqueeze(-1) + log_ratio
@@ -309,3 +312,167 @@ def _per_particle(
             "max_plate_nesting."
         )
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(size)
+
+
+# ---------------------------------------------------------- local latents (amortized guides)
+# A user's guide that samples a local latent from a distribution with ``num_components`` and a
+# ``stratified_rsample(num_particles, particle_dim) -> (value, log_q, log_weights)`` method (e.g.
+# pyro_mogflow.AmortizedMixtureFlow(..., estimator="stratified")) is stratified per data point:
+#
+#     L = sum_b sum_k pi_bk (1/n) sum_t [log p(x_b, z_bkt) - log q(z_bkt | x_b)] + E[global terms]
+#
+# where b runs over the elements of the site's plates. Terms of sites outside those plates
+# (global latents) are averaged over all K * n draws.
+
+
+def _is_local_guide(guide) -> bool:
+    """A user's guide (not an autoguide): its stratifiable site is found by running it."""
+    return not isinstance(guide, (AutoMixtureFlow, AutoGuide))
+
+
+class _StratifyLocalSite(Messenger):
+    """Replace the draw at the one guide site whose distribution offers ``stratified_rsample``.
+
+    Entered outside the particle plate, it sees the site's distribution after every plate has
+    expanded it; the site becomes a ``Delta`` at the ``K * n`` draws carrying their exact log q.
+    """
+
+    def __init__(self, num_particles: int, particle_dim: int):
+        super().__init__()
+        self.num_particles = num_particles
+        self.particle_dim = particle_dim
+        self.site = None  # (name, log_weights (K, *rest), cond_indep_stack)
+
+    def _pyro_sample(self, msg) -> None:
+        hook = getattr(msg["fn"], "stratified_rsample", None)
+        if msg["is_observed"] or msg["done"] or not callable(hook):
+            return
+        if self.site is not None:
+            raise ValueError(
+                f"StratifiedELBO stratifies one amortized site per guide, found {self.site[0]!r} "
+                f"and {msg['name']!r}. Give the other ones estimator='implicit', or train with "
+                "pyro.infer.Trace_ELBO."
+            )
+        value, log_q, log_weights = hook(self.num_particles, self.particle_dim)
+        event_dim = len(msg["fn"].event_shape)
+        msg["fn"] = pyro.distributions.Delta(value, log_density=log_q, event_dim=event_dim)
+        msg["value"] = value
+        msg["done"] = True
+        self.site = (msg["name"], log_weights, msg["cond_indep_stack"])
+
+
+def _probe_local_guide(model, guide, args, kwargs) -> tuple[int, int]:
+    """One run of guide and model: ``(K, plates nested)``; raises if nothing can be stratified."""
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    sites = [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and callable(getattr(site["fn"], "stratified_rsample", None))
+    ]
+    if not sites:
+        raise TypeError(
+            "StratifiedELBO needs the AutoMixtureFlow guide itself (estimator='stratified'), or a "
+            "guide that samples a local latent from AmortizedMixtureFlow(..., "
+            f"estimator='stratified'); got {type(guide).__name__} with no such site. For other "
+            "guides use pyro.infer.Trace_ELBO."
+        )
+    if len(sites) > 1:
+        raise ValueError(
+            "StratifiedELBO stratifies one amortized site per guide, found "
+            f"{[site['name'] for site in sites]}"
+        )
+    dims = [
+        frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in prune_subsample_sites(trace).nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return int(sites[0]["fn"].num_components), (-min(dims) if dims else 0)
+
+
+def _local_objective(elbo: StratifiedELBO, model, guide, args, kwargs) -> torch.Tensor:
+    """The stratified ELBO (or SIWAE) of a guide with one amortized mixture site."""
+    if getattr(elbo, "_local_components", None) is None:
+        k, needed = _probe_local_guide(model, guide, args, kwargs)
+        if elbo.max_plate_nesting == float("inf"):
+            elbo.max_plate_nesting = needed
+        elif elbo.max_plate_nesting < needed:
+            raise ValueError(
+                f"max_plate_nesting={elbo.max_plate_nesting}, but the model nests {needed} "
+                f"plate(s). Pass max_plate_nesting >= {needed}, or leave it out to infer it."
+            )
+        elbo._local_components = k
+    k, n = elbo._local_components, elbo.num_particles
+    nesting = elbo.max_plate_nesting + 1
+    stratify = _StratifyLocalSite(n, -nesting)
+    with stratify:
+        particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
+        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+    if stratify.site is None:
+        raise ValueError("the guide sampled no stratifiable site in this step")
+    particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
+    model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, nesting)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    _, log_weights, frames = stratify.site
+    local = {f.name: f.dim for f in frames if f.vectorized and f.name != _PARTICLE_PLATE}
+    rest = log_weights.shape[1:]
+    local_sum = log_weights.new_zeros((k * n,) + rest)
+    global_sum = log_weights.new_zeros((k * n,))
+    global_varies = False
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if is_validation_enabled():
+                check_site_shape(site, nesting)
+            lp = torch.as_tensor(site["log_prob"], dtype=local_sum.dtype, device=local_sum.device)
+            if lp.dim() > nesting:
+                raise ValueError(
+                    f"site {name!r} has log_prob shape {tuple(lp.shape)}, with dimensions left "
+                    f"of the particle plate at dim {-nesting}. Declare every batch dimension "
+                    "with pyro.plate (or move it into the event with .to_event())."
+                )
+            lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
+            names = {
+                f.name
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.name != _PARTICLE_PLATE
+            }
+            if set(local) <= names:
+                keep = {0} | {nesting + d for d in local.values()}
+                drop = [i for i in range(nesting) if i not in keep]
+                local_sum = local_sum + sign * (lp.sum(drop, keepdim=True) if drop else lp)
+            elif not set(local) & names:
+                global_varies = global_varies or lp.shape[0] > 1
+                global_sum = global_sum + sign * lp.reshape(lp.shape[0], -1).sum(-1)
+            else:
+                raise ValueError(
+                    f"site {name!r} lies in some but not all of the plates {sorted(local)} of "
+                    "the stratified site; its terms cannot be assigned to data points"
+                )
+    log_ratio = local_sum.reshape((k, n) + rest)
+    if elbo.importance_weighted:
+        if global_varies:
+            raise ValueError(
+                "importance_weighted=True with an amortized site needs every latent outside its "
+                "plates to be fixed across draws; use the ELBO (importance_weighted=False)"
+            )
+        joint = (log_weights.unsqueeze(1) + log_ratio).reshape((k * n,) + rest)
+        bound = torch.logsumexp(joint, dim=0) - math.log(n)
+        return bound.sum() + global_sum.mean()
+    return (log_weights.exp() * log_ratio.mean(1)).sum() + global_sum.mean()
