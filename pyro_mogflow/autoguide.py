@@ -70,6 +70,20 @@ def _check_positive_float(name, value):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+class _PathwiseMixture(dist.MixtureOfDiagNormals):
+    """Pyro's ``MixtureOfDiagNormals`` (its pathwise sampler), scored by the package's one
+    mixture density :func:`~pyro_mogflow.distributions.mixture_log_prob`.
+
+    Shapes as Pyro's: ``locs`` and ``coord_scale`` ``(*batch, K, D)``, ``component_logits``
+    ``(*batch, K)``; :meth:`log_prob` maps ``(*sample, *batch, D)`` to ``(*sample, *batch)``.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return mixture_log_prob(value, self.component_logits, self.locs, self.coord_scale)
+
+
 class AutoMixtureFlow(AutoContinuous):
     r"""A normalizing flow on a learnable mixture of diagonal Gaussians, as a Pyro autoguide.
 
@@ -391,7 +405,7 @@ class AutoMixtureFlow(AutoContinuous):
                 num_nested=self.num_nested,
             )
         if self.estimator == "pathwise":
-            return dist.MixtureOfDiagNormals(self.locs, self.scales, self.logits)
+            return _PathwiseMixture(self.locs, self.scales, self.logits)
         # "implicit" and "stratified": the exact mixture, sampled exactly. (Under StratifiedELBO
         # the "stratified" guide is sampled per component instead; see pyro_mogflow.infer.)
         from .distributions.mixture import DiagNormalMixture
