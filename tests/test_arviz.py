@@ -596,12 +596,18 @@ def test_bad_guides_and_models_raise():
 
 
 # ------------------------------------------------------------------------------ CUDA
+@pytest.mark.filterwarnings("ignore:Pareto k-hat")  # unfitted guides
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_follows_the_model(device):
+@pytest.mark.parametrize("guide_name", list(GUIDES))
+def test_device_follows_the_model(guide_name, device):
     y = _data(torch.float32, device)
-    pyro.set_rng_seed(0)
-    guide = AutoMixtureFlow(rich_model, num_components=2, estimator="pathwise", flow=None)
-    guide(y)
+    guide = _ready_guide(guide_name, rich_model, y)
     idata = to_inference_data(guide, rich_model, model_args=(y,), num_samples=10, seed=0)
     assert idata.posterior["v"].shape == (1, 10, 3)
     assert np.isfinite(idata.sample_stats["log_weight"].values).all()
+    for s in range(3):
+        values = _draw_values(idata, s, y)
+        trace = poutine.trace(poutine.condition(rich_model, data=values)).get_trace(y)
+        expected = float(trace.log_prob_sum())
+        assert idata.sample_stats["lp"].values[0, s] == pytest.approx(expected, rel=1e-5)
+    assert vi_loo(idata, pointwise=False)["n_data_points"] == 10
