@@ -622,13 +622,22 @@ class AmortizedMixtureFlow(nn.Module):
             raise ValueError(f"temperature schedule returned {tau!r} at step {self.step}; need > 0")
         return float(tau)
 
-    def forward(self, x: torch.Tensor) -> MixtureFlowPosterior:
+    def forward(self, x: torch.Tensor, estimator: str | None = None) -> MixtureFlowPosterior:
         """The posterior :math:`q(z \\mid x)` for each row of ``x`` (``(*batch, context_dim)``).
 
+        :param torch.Tensor x: contexts, shape ``(*batch, context_dim)``.
+        :param str estimator: overrides the module's estimator for this call only, e.g.
+            ``"implicit"`` to evaluate an encoder trained with a relaxed estimator on exact
+            mixture draws (a relaxed draw does not follow the density that ``log_prob``
+            returns, so importance weights need the exact draws).
         :return: a :class:`MixtureFlowPosterior`, batch shape ``batch``, event ``(latent_dim,)``.
         """
+        if estimator is None:
+            estimator = self.estimator
+        elif not isinstance(estimator, str) or estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         logits, locs, scales, h = self.encode(x)
-        tau = self.current_temperature() if self.estimator.startswith("relaxed") else 0.5
+        tau = self.current_temperature() if estimator.startswith("relaxed") else 0.5
         transforms = [
             layer.condition(h) if isinstance(layer, ConditionalTransform) else layer
             for layer in self.flow
@@ -640,7 +649,7 @@ class AmortizedMixtureFlow(nn.Module):
             locs,
             scales,
             transforms,
-            estimator=self.estimator,
+            estimator=estimator,
             temperature=tau,
             num_nested=self.num_nested,
         )
