@@ -669,6 +669,7 @@ class AutoMixtureFlow(AutoContinuous):
         return {"step": self.step}
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore :attr:`step` from a ``state_dict`` written by :meth:`get_extra_state`."""
         self.step = int(state["step"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
