@@ -502,7 +502,9 @@ def gaussian_mixture_target(
     weights = weights / weights.sum()
     log_z = _check_real("log_z", log_z)
     if k > 1:
-        gaps = torch.cdist(locs, locs) + torch.diag(torch.full((k,), math.inf, dtype=dtype))
+        gaps = torch.cdist(locs, locs) + torch.diag(
+            torch.full((k,), math.inf, dtype=dtype, device=locs.device)
+        )
         min_gap = float(gaps.min())
         if min_gap == 0:
             raise ValueError("locs must be distinct: two components share a mean")

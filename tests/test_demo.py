@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args, cwd=None, timeout=180):
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=path, OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "pyro_mogflow", *args],
         capture_output=True,
