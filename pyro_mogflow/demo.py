@@ -324,7 +324,7 @@ def format_table(target: Target, reports: list) -> str:
 def _verdict(target: Target, report: GuideReport) -> str:
     m = target.num_modes
     if report.modes_found == m:
-        return f"{report.name} found all {m} modes."
+        return f"{report.name} found {'both' if m == 2 else f'all {m}'} modes."
     found = f"{report.name} found {report.modes_found} of {m} modes"
     if report.name == "AutoNormal":
         return f"{found}: a single Gaussian can cover only one."

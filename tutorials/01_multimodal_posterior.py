@@ -111,7 +111,11 @@ def fit(guide, steps=STEPS, lr=0.02):
         svi.step(x, y)
     with torch.no_grad():
         draws = pyro.infer.Predictive(
-            model, guide=guide, num_samples=NUM_DRAWS, return_sites=["theta", "sigma"], parallel=True
+            model,
+            guide=guide,
+            num_samples=NUM_DRAWS,
+            return_sites=["theta", "sigma"],
+            parallel=True,
         )(x)
     return {k: v.reshape(NUM_DRAWS) for k, v in draws.items()}
 
