@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from pyro.poutine.util import site_is_factor, site_is_subsample
 from scipy.special import logsumexp
 from torch.distributions import biject_to
 
+from ._checks import check_bool, check_int
 from ._version import __version__
 from .autoguide import AutoMixtureFlow
 from .diagnostics import _group, good_k_threshold, psis
@@ -403,23 +403,6 @@ def _seeded(seed):
 
 
 # ------------------------------------------------------------------------ validation
-def _check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        what = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _collect_guides(guide, guides) -> list:
     if guides is not None and guide is not None:
         raise ValueError(
@@ -678,15 +661,15 @@ def to_inference_data(
         model_kwargs = {}
     if not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
-    num_samples = _check_int("num_samples", num_samples, 1)
-    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True) or num_samples
-    max_plate_nesting = _check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
+    num_samples = check_int("num_samples", num_samples, 1)
+    batch_size = check_int("batch_size", batch_size, 1, allow_none=True) or num_samples
+    max_plate_nesting = check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
     if seed is not None:
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
     want = {
-        "posterior_predictive": _check_bool("posterior_predictive", posterior_predictive),
-        "log_likelihood": _check_bool("log_likelihood", log_likelihood),
-        "log_prior": _check_bool("log_prior", log_prior),
+        "posterior_predictive": check_bool("posterior_predictive", posterior_predictive),
+        "log_likelihood": check_bool("log_likelihood", log_likelihood),
+        "log_prior": check_bool("log_prior", log_prior),
     }
     _check_coords_dims(coords, dims)
     try:
@@ -813,7 +796,7 @@ def vi_loo(data, *, var_name: str | None = None, pointwise: bool = True):
     """
     if var_name is not None and not isinstance(var_name, str):
         raise TypeError(f"var_name must be a str or None, got {type(var_name).__name__}")
-    _check_bool("pointwise", pointwise)
+    check_bool("pointwise", pointwise)
     log_lik_group = _group(data, "log_likelihood")
     stats = _group(data, "sample_stats")
     if log_lik_group is None or not len(log_lik_group.data_vars):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -57,6 +56,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_feasible
 from pyro.infer.importance import vectorized_importance_weights
 from tqdm.auto import tqdm
 
+from ._checks import check_int
 from .autoguide import AutoMixtureFlow
 from .models import Target, sign_regression
 
@@ -142,19 +142,11 @@ class DemoResult:
 
 # ----------------------------------------------------------------------------- checks
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        raise TypeError(f"steps must be a positive int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps}")
-    return int(steps)
+    return check_int("steps", steps, 1)
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int >= 0, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed}")
-    return int(seed)
+    return check_int("seed", seed, 0)
 
 
 def _check_device(device) -> torch.device:

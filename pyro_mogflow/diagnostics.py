@@ -43,6 +43,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import logsumexp
 
+from ._checks import check_real
+
 __all__ = [
     "MISSED_MODES_WARNING",
     "VIDiagnostics",
@@ -320,15 +322,6 @@ def _component_masses(
 
 
 # ------------------------------------------------------------------------ entry point
-def _check_real(name: str, value, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite float >= {minimum}, got {value}")
-    return value
-
-
 def vi_diagnostics(
     source,
     model=None,
@@ -389,9 +382,9 @@ def vi_diagnostics(
 
     References: Yao et al. (2018); Vehtari et al. (2024); Vehtari et al. (2021).
     """
-    rhat_threshold = _check_real("rhat_threshold", rhat_threshold, minimum=1.0)
-    evidence_z = _check_real("evidence_z", evidence_z)
-    evidence_tol = _check_real("evidence_tol", evidence_tol)
+    rhat_threshold = check_real("rhat_threshold", rhat_threshold, minimum=1.0)
+    evidence_z = check_real("evidence_z", evidence_z, minimum=0.0)
+    evidence_tol = check_real("evidence_tol", evidence_tol, minimum=0.0)
     if not isinstance(warn, bool):
         raise TypeError(f"warn must be a bool, got {type(warn).__name__}")
     if _is_inference_data(source) or _is_datatree(source):

@@ -30,6 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ._checks import check_int
 from .distributions import mixture_log_prob
 
 __all__ = [
@@ -44,14 +45,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_real(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:
     what = "a positive float" if positive else "a finite float"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -380,7 +373,7 @@ def sign_regression(
     :param device: device of the data.
     :return: a :class:`Target` on site ``"theta"`` with two modes.
     """
-    num_data = _check_int("num_data", num_data, 1)
+    num_data = check_int("num_data", num_data, 1)
     slope = _check_real("slope", slope, nonzero=True)
     noise = _check_real("noise", noise, positive=True)
     prior_scale = _check_real("prior_scale", prior_scale, positive=True)
@@ -583,7 +576,7 @@ def label_switching_mixture(
     :param device: device of the data.
     :return: a :class:`Target` on site ``"mu"`` with two modes.
     """
-    num_data = _check_int("num_data", num_data, 1)
+    num_data = check_int("num_data", num_data, 1)
     if not isinstance(means, (tuple, list)) or len(means) != 2:
         raise ValueError(f"means must be a pair of floats, got {means!r}")
     m1 = _check_real("means[0]", means[0])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +20,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
+
+from ._checks import check_int
 
 __all__ = ["IndependentFits", "fit_independent"]
 
@@ -92,14 +93,6 @@ class IndependentFits(Sequence):
         from .diagnostics import vi_diagnostics
 
         return vi_diagnostics(self, **kwargs)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
 
 
 def _claim_free_name(guide: PyroModule) -> None:
@@ -179,9 +172,9 @@ def fit_independent(
         raise TypeError(
             f"make_guide must be a callable model -> guide, got {type(make_guide).__name__}"
         )
-    num_runs = _check_int("num_runs", num_runs, 2)
-    num_steps = _check_int("num_steps", num_steps, 1)
-    seed = _check_int("seed", seed, 0)
+    num_runs = check_int("num_runs", num_runs, 2)
+    num_steps = check_int("num_steps", num_steps, 1)
+    seed = check_int("seed", seed, 0)
     if not isinstance(model_args, (tuple, list)):
         raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}")
     if model_kwargs is None:

@@ -67,10 +67,10 @@ def test_exponential_schedule_has_constant_ratio():
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
-        (("a", 1.0, 10), {}, TypeError, "start must be a real number, got str"),
-        ((1.0, float("nan"), 10), {}, ValueError, "end must be finite, got nan"),
-        ((1.0, 0.1, 0), {}, ValueError, "num_steps must be >= 1, got 0"),
-        ((1.0, 0.1, 2.5), {}, TypeError, "num_steps must be an int, got float"),
+        (("a", 1.0, 10), {}, TypeError, "start must be a finite float, got str"),
+        ((1.0, float("nan"), 10), {}, ValueError, "end must be a finite float, got nan"),
+        ((1.0, 0.1, 0), {}, ValueError, "num_steps must be an int >= 1, got 0"),
+        ((1.0, 0.1, 2.5), {}, TypeError, "num_steps must be an int >= 1, got float"),
         ((0.0, 1.0, 10), {"kind": "exponential"}, ValueError, "start > 0 and end > 0"),
         ((1.0, 0.1, 10), {"kind": "step"}, ValueError, "unknown schedule kind 'step'"),
     ],
@@ -82,7 +82,7 @@ def test_schedule_bad_arguments(args, kwargs, error, match):
 
 @pytest.mark.parametrize(
     "step, error, match",
-    [(-1, ValueError, "step must be >= 0, got -1"), (1.5, TypeError, "step must be an int")],
+    [(-1, ValueError, "step must be an int >= 0, got -1"), (1.5, TypeError, "step must be an int")],
 )
 def test_schedule_bad_step(step, error, match):
     with pytest.raises(error, match=match):
@@ -200,7 +200,7 @@ def test_tempered_model_does_not_change_sampling():
     [
         (0.0, ValueError, "beta must be > 0, got 0.0"),
         (-1, ValueError, "beta must be > 0, got -1"),
-        ("1", TypeError, "beta must be a real number, got str"),
+        ("1", TypeError, "beta must be a finite float, got str"),
     ],
 )
 def test_tempered_model_bad_beta(beta, error, match):
@@ -220,7 +220,7 @@ def test_tempered_model_bad_arguments():
         TemperedModel(3, 0.5)
     with pytest.raises(TypeError, match="observed_only must be a bool, got int"):
         TemperedModel(regression, 0.5, observed_only=1)
-    with pytest.raises(ValueError, match="num_steps must be >= 0, got -2"):
+    with pytest.raises(ValueError, match="num_steps must be an int >= 0, got -2"):
         TemperedModel(regression, 0.5).advance(-2)
 
 

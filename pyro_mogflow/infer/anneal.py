@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 from pyro.poutine.messenger import Messenger
 
+from .._checks import check_int, check_real
+
 __all__ = [
     "Schedule",
     "TemperedModel",
@@ -35,19 +37,11 @@ _KINDS = ("linear", "exponential", "cosine")
 
 
 def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return check_real(name, value)
 
 
 def _check_step(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 class Schedule:

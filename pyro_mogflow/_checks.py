@@ -1,0 +1,63 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises before any work is done, with the argument's name, what was given and what is
+allowed: ``TypeError`` for the wrong kind of value, ``ValueError`` for a value out of range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["check_bool", "check_int", "check_real"]
+
+
+def check_int(name: str, value, minimum: int | None = None, *, allow_none: bool = False):
+    """Return ``value`` as an ``int`` (``bool`` is refused), at least ``minimum`` if given.
+
+    :raises TypeError: if ``value`` is not an integer (or ``None`` when ``allow_none``).
+    :raises ValueError: if ``value < minimum``.
+    """
+    if value is None and allow_none:
+        return None
+    what = "an int" if minimum is None else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what += " or None" if allow_none else ""
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return int(value)
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    """Return ``value`` as a finite ``float``, ``> minimum`` (``strict``) or ``>= minimum``.
+
+    :raises TypeError: if ``value`` is not a real number (``bool`` is refused).
+    :raises ValueError: if it is NaN, infinite (unless ``allow_inf``) or below the bound.
+    """
+    if minimum is None:
+        what = "a finite float"
+    else:
+        what = f"a finite float {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` if it is a ``bool``; raise ``TypeError`` otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
