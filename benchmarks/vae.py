@@ -391,7 +391,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, for a smoke test")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
-    parser.add_argument("--budget", type=float, default=55.0, help="CPU seconds per encoder")
+    parser.add_argument("--budget", type=float, default=40.0, help="CPU seconds per encoder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--latent-dim", dest="latent_dim", type=int, default=2)
     parser.add_argument("--components", type=int, default=10)

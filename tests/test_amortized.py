@@ -282,7 +282,9 @@ def test_stratified_gradient_is_unbiased():
 
 
 def test_trace_elbo_with_implicit_matches_quadrature():
-    encoder, model, guide, y, idx, w, sigma = _local_problem("affine_autoregressive", estimator="implicit")
+    encoder, model, guide, y, idx, w, sigma = _local_problem(
+        "affine_autoregressive", estimator="implicit"
+    )
     with torch.no_grad():
         exact = float(_quadrature_objective(encoder, y[:, None], y, w, sigma))
     draws = torch.tensor([-Trace_ELBO().loss(model, guide, y) for _ in range(400)])
@@ -433,32 +435,25 @@ def test_state_dict_round_trip_gives_the_same_posterior():
 def test_runs_on_cuda(dtype):
     encoder = _encoder(flow="affine_autoregressive", estimator="stratified", dtype=dtype).cuda()
     x = torch.randn(10, 3, dtype=dtype, device="cuda")
-    model, guide = _vae(encoder, 10, 5, dtype)
-    w_model = model
 
-    def cuda_model(x):
+    def model(x):
         with pyro.plate("data", 10, subsample_size=5, device="cuda") as idx:
-            z = pyro.sample(
-                "z",
-                dist.Normal(torch.zeros((), dtype=dtype, device="cuda"), 1.0)
-                .expand([2])
-                .to_event(1),
-            )
-            pyro.sample(
-                "x", dist.Normal(z.sum(-1, keepdim=True), 1.0).expand([3]).to_event(1), obs=x[idx]
-            )
+            zero = torch.zeros((), dtype=dtype, device="cuda")
+            z = pyro.sample("z", dist.Normal(zero, 1.0).expand([2]).to_event(1))
+            loc = z.sum(-1, keepdim=True).expand(z.shape[:-1] + (3,))
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x[idx])
 
-    def cuda_guide(x):
+    def guide(x):
         pyro.module("encoder", encoder)
         with pyro.plate("data", 10, subsample_size=5, device="cuda") as idx:
             pyro.sample("z", encoder(x[idx]))
 
-    del w_model, guide
-    loss = StratifiedELBO(num_particles=2).differentiable_loss(cuda_model, cuda_guide, x)
+    loss = StratifiedELBO(num_particles=2).differentiable_loss(model, guide, x)
     loss.backward()
     assert loss.device.type == "cuda" and bool(torch.isfinite(loss))
-    q = encoder(x)
-    z = q.sample((3,))
+    assert encoder.locs_head.weight.grad.device.type == "cuda"
+    q = encoder(x, estimator="implicit")
+    z = q.rsample((3,))
     assert z.device.type == "cuda" and z.dtype == dtype
     assert bool(torch.isfinite(q.log_prob(z)).all())
 
