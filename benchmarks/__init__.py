@@ -2,4 +2,6 @@
 
 * ``python -m benchmarks.gradients``: bias, standard error and cost of the gradient estimators
   that pass through the mixture's discrete choice.
+* ``python -m benchmarks.vae``: a VAE on scikit-learn's digits with Gaussian, IAF and
+  mixture-flow encoders (every estimator) at equal CPU time; held-out IWAE, ELBO, NMI.
 """

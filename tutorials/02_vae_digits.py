@@ -159,10 +159,11 @@ def train(name, options, budget=BUDGET, batch_size=100):
     bar = tqdm(desc=name, unit="epoch", leave=False)
     while time.process_time() - start < budget:
         perm = torch.randperm(len(x_train))
-        total = sum(
+        # each step's loss estimates the loss of the whole training set (plate scaling)
+        steps = [
             svi.step(x_train, perm[i : i + batch_size]) for i in range(0, len(perm), batch_size)
-        )
-        losses.append(total / len(x_train))
+        ]
+        losses.append(sum(steps) / len(steps) / len(x_train))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.1f}")
     bar.close()

@@ -92,6 +92,24 @@ class StratifiedELBO(ELBO):
     in a handler). Outside this ELBO such a guide samples the exact mixture (e.g. in
     ``Predictive``); under another ELBO it is the unbiased ``"implicit"`` estimator and warns.
 
+    Local latents: the guide may instead be a function that samples one site from an
+    :class:`~pyro_mogflow.AmortizedMixtureFlow` built with ``estimator="stratified"``, inside
+    the data plate (subsampled or not). Each data point :math:`b` then has its own weights
+    :math:`\pi_{bk}`, and the ELBO is stratified point by point,
+
+    .. math::
+        \widehat{\mathcal{L}} = \sum_b \sum_{k=1}^K \pi_{bk}\, \frac{1}{n} \sum_{t=1}^n
+            \log \frac{p(x_b, z_{bkt})}{q(z_{bkt} \mid x_b)} + \widehat{G},
+
+    where :math:`\widehat{G}` averages the terms of sites outside the data plate (global
+    latents sampled by other guide sites) over the :math:`K n` draws. Any distribution with a
+    ``num_components`` attribute and a ``stratified_rsample(num_particles, particle_dim)``
+    method is stratified this way (see
+    :meth:`~pyro_mogflow.amortized.MixtureFlowPosterior.stratified_rsample`). With
+    ``importance_weighted=True`` the bound is SIWAE per data point, which needs every latent
+    outside the data plate to be fixed across draws. :meth:`particles` serves
+    ``AutoMixtureFlow`` guides only.
+
     :param int num_particles: ``n``, Gaussian draws per component (default 1), so each step
         runs the model on ``K * n`` points.
     :param bool importance_weighted: use the SIWAE bound instead of the ELBO (default False).
