@@ -521,3 +521,14 @@ def test_posterior_rejects_bad_estimator():
     logits, locs, scales = torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1)
     with pytest.raises(ValueError, match="unknown estimator 'x'"):
         MixtureFlowPosterior(logits, locs, scales, estimator="x")
+
+
+# ------------------------------------------------------------------ benchmark smoke run
+def test_vae_benchmark_quick_run_writes_its_table(tmp_path):
+    from benchmarks.vae import main
+
+    results = main(["--quick", "--out", str(tmp_path), "--only", "gaussian,mixflow stratified"])
+    assert [row["label"] for row in results["rows"]] == ["gaussian", "mixflow stratified"]
+    assert all(math.isfinite(row["iwae"]) and row["iwae"] >= row["elbo"] for row in results["rows"])
+    text = (tmp_path / "vae_quick.md").read_text()
+    assert "| mixflow stratified |" in text and (tmp_path / "vae_quick.json").exists()
