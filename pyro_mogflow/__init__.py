@@ -9,6 +9,7 @@ from .arviz import to_inference_data, vi_loo
 from .autoguide import ESTIMATORS, AutoMixtureFlow
 from .diagnostics import vi_diagnostics
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
+from .fit import FitResult, balance_weights, fit
 from .flows import FLOWS, build_flow, register_flow
 from .infer import (
     Schedule,
@@ -28,14 +29,17 @@ __all__ = [
     "DiagNormalMixture",
     "ESTIMATORS",
     "FLOWS",
+    "FitResult",
     "IndependentFits",
     "RelaxedMixtureOfDiagNormals",
     "Schedule",
     "StratifiedELBO",
     "TemperedModel",
+    "balance_weights",
     "build_flow",
     "cosine_schedule",
     "exponential_schedule",
+    "fit",
     "fit_independent",
     "linear_schedule",
     "mixture_log_prob",

@@ -20,6 +20,8 @@ from pyro.distributions.transforms import ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
@@ -40,13 +42,15 @@ _LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 @dataclasses.dataclass
 class StratifiedDraw:
-    """Record of one stratified draw, filled in by :meth:`AutoMixtureFlow.stratified`.
+    r"""Record of one stratified draw, filled in by :meth:`AutoMixtureFlow.stratified`.
 
     :ivar int num_particles: ``n``, draws per component.
     :ivar int particle_dim: the (negative) plate dimension along which the ``K * n`` draws lie.
     :ivar log_weights: ``log_softmax(logits)``, shape ``(K,)``, attached to the autograd graph.
     :ivar latent: the unconstrained draws :math:`z_{kt}`, shape ``(K, n, D)``, component-major.
     :ivar log_q: the guide's exact log-density at each draw, shape ``(K, n)``.
+    :ivar base: the draws before the flow, :math:`\mu_k + \sigma_k \odot \epsilon_{kt}`, shape
+        ``(K, n, D)`` (equal to ``latent`` when there is no flow).
     """
 
     num_particles: int
@@ -54,6 +58,7 @@ class StratifiedDraw:
     log_weights: torch.Tensor | None = None
     latent: torch.Tensor | None = None
     log_q: torch.Tensor | None = None
+    base: torch.Tensor | None = None
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -68,6 +73,20 @@ def _check_positive_float(name, value):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+class _PriorDraw(Messenger):
+    """Sets every latent site to ``draw(msg)``, overriding the guide's init strategy (which
+    wraps the model from inside), so a run of the model is an ancestral draw of its prior."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.draw = draw
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        msg["value"] = self.draw(msg)
 
 
 class _PathwiseMixture(dist.MixtureOfDiagNormals):
@@ -143,8 +162,13 @@ class AutoMixtureFlow(AutoContinuous):
     :param int num_nested: inner draws of the nested density for ``"relaxed-nested"``.
     :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide.
     :param float init_scale: initial standard deviation of every component (default 0.1).
-    :param float init_spread: the component means start at the initial location plus
-        ``init_spread`` times independent standard normal offsets, so they never coincide
+    :param init_spread: ``"prior"``: the component means start at ``K`` independent draws of
+        the model's prior (ancestral draws of every latent site, mapped to the unconstrained
+        space), so the components start spread over where the posterior can live; a site whose
+        distribution cannot be sampled (e.g. ``ImproperUniform``) is offset from the initial
+        location by standard normal noise instead, with a warning naming it. A float: the
+        component means start at the initial location plus ``init_spread`` times independent
+        standard normal offsets, so they never coincide
         (default 1.0; with ``K = 1`` the single mean is the initial location).
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
     :param str name: prefix of the guide's names in Pyro's param store. By default the first
@@ -191,7 +215,7 @@ class AutoMixtureFlow(AutoContinuous):
         num_nested: int = 32,
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
-        init_spread: float = 1.0,
+        init_spread: float | str = 1.0,
         num_quantile_samples: int = 4096,
         name: str | None = None,
         create_plates=None,
@@ -223,9 +247,16 @@ class AutoMixtureFlow(AutoContinuous):
             _check_positive_float("temperature", temperature)
         _check_positive_int("num_nested", num_nested)
         _check_positive_float("init_scale", init_scale)
-        if isinstance(init_spread, bool) or not isinstance(init_spread, numbers.Real):
-            raise TypeError(f"init_spread must be a float, got {type(init_spread).__name__}")
-        if init_spread < 0:
+        if isinstance(init_spread, str):
+            if init_spread != "prior":
+                raise ValueError(
+                    f"init_spread must be 'prior' or a float >= 0, got {init_spread!r}"
+                )
+        elif isinstance(init_spread, bool) or not isinstance(init_spread, numbers.Real):
+            raise TypeError(
+                f"init_spread must be 'prior' or a float, got {type(init_spread).__name__}"
+            )
+        elif init_spread < 0:
             raise ValueError(f"init_spread must be >= 0, got {init_spread}")
         if num_components > 1 and init_spread == 0:
             raise ValueError(
@@ -245,7 +276,7 @@ class AutoMixtureFlow(AutoContinuous):
         self.temperature = temperature
         self.num_nested = int(num_nested)
         self._init_scale = float(init_scale)
-        self._init_spread = float(init_spread)
+        self._init_spread = init_spread if isinstance(init_spread, str) else float(init_spread)
         self.num_quantile_samples = int(num_quantile_samples)
         self._explicit_name = name
         #: Number of guide calls made with gradients enabled (drives temperature schedules).
@@ -284,13 +315,13 @@ class AutoMixtureFlow(AutoContinuous):
             raise
         try:
             self._check_sites()
-            self._build_params()
+            self._build_params(*args, **kwargs)
         except BaseException:
             # Leave no half-built guide behind: the next call sets up again (and raises again).
             self.prototype_trace = None
             raise
 
-    def _build_params(self):
+    def _build_params(self, *args, **kwargs):
         loc = self._init_loc().detach()
         k, d = self.num_components, self.latent_dim
         try:
@@ -305,10 +336,13 @@ class AutoMixtureFlow(AutoContinuous):
                 f">= latent_dim)"
             ) from e
         self._claim_name()
-        offsets = torch.randn(k, d, dtype=loc.dtype, device=loc.device) * self._init_spread
         if k == 1:
-            offsets.zero_()
-        self.locs = PyroParam(loc + offsets, event_dim=2)
+            locs = loc.unsqueeze(0)
+        elif self._init_spread == "prior":
+            locs = self._prior_locs(loc, *args, **kwargs)
+        else:
+            locs = loc + torch.randn(k, d, dtype=loc.dtype, device=loc.device) * self._init_spread
+        self.locs = PyroParam(locs, event_dim=2)
         self.scales = PyroParam(
             torch.full((k, d), self._init_scale, dtype=loc.dtype, device=loc.device),
             constraint=constraints.softplus_positive,
@@ -317,6 +351,50 @@ class AutoMixtureFlow(AutoContinuous):
         self.logits = PyroParam(torch.zeros(k, dtype=loc.dtype, device=loc.device), event_dim=1)
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
         self._forward_only = self.flow is not None and is_forward_only(self.flow)
+
+    @torch.no_grad()
+    def _prior_locs(self, loc: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``K`` ancestral draws of the model's prior, packed and unconstrained, shape ``(K, D)``.
+
+        A site whose distribution cannot be sampled gets the initial value plus standard normal
+        noise (in the unconstrained space) instead, and a warning names it.
+        """
+        unsampleable: set = set()
+
+        def draw(site):
+            try:
+                value = site["fn"].sample().detach()
+                if bool(torch.isfinite(value).all()):
+                    return value
+            except NotImplementedError:
+                pass
+            unsampleable.add(site["name"])
+            proto = self.prototype_trace.nodes[site["name"]]["value"].detach()
+            transform = biject_to(site["fn"].support)
+            u = transform.inv(proto)
+            return transform(u + torch.randn_like(u))
+
+        rows = []
+        for _ in range(self.num_components):
+            with pyro.poutine.block():
+                trace = pyro.poutine.trace(_PriorDraw(draw)(self.model)).get_trace(
+                    *args, **kwargs
+                )
+            parts = []
+            for name, site in self.prototype_trace.iter_stochastic_nodes():
+                value = trace.nodes[name]["value"].detach()
+                u = biject_to(site["fn"].support).inv(value)
+                parts.append(u.reshape(-1))
+            rows.append(torch.cat(parts).to(dtype=loc.dtype, device=loc.device))
+        if unsampleable:
+            warnings.warn(
+                "AutoMixtureFlow(init_spread='prior'): the prior of site(s) "
+                f"{sorted(unsampleable)} cannot be sampled, so those coordinates of the "
+                "component means start at the initial location plus N(0, 1) noise",
+                UserWarning,
+                stacklevel=4,
+            )
+        return torch.stack(rows)
 
     def _check_sites(self):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -492,6 +570,7 @@ class AutoMixtureFlow(AutoContinuous):
         draw.log_weights = torch.log_softmax(logits, dim=-1)
         draw.latent = latent.reshape(k, n, d)
         draw.log_q = log_q.reshape(k, n)
+        draw.base = base.reshape(k, n, d)
         batch = (k * n,) + (1,) * (-draw.particle_dim - 1)
         return pyro.sample(
             f"_{self._pyro_name}_latent",

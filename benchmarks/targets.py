@@ -1,0 +1,339 @@
+r"""Targets of the multimodal benchmark: Pyro models with known ground truth.
+
+Each builder returns a :class:`BenchTarget`: a :class:`~pyro_mogflow.models.Target` (the Pyro
+model, its data, the modes, the exact :math:`\log Z`) plus an exact sampler of the posterior, so
+the benchmark can measure the forward KL and the true mass near each mode.
+
+=============  ====  ===========================================================================
+name           D     posterior
+=============  ====  ===========================================================================
+``grid9``      2     9 equal Gaussians (std 0.5) centred on :math:`\{-5, 0, 5\}^2`
+``ring8``      2     8 equal Gaussians (std 0.5) on a circle of radius 6
+``gmm40``      2     40 equal Gaussians (std :math:`\operatorname{softplus}(1) \approx 1.313`),
+                     means uniform on :math:`[-40, 40]^2` (Midgley et al. 2023)
+``funnel10``   10    Neal's funnel: unimodal, scale varying by orders of magnitude
+``signreg``    2     :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`: two mirror modes, a positive
+                     site, observed data (:func:`~pyro_mogflow.models.sign_regression`)
+``mix10``      10    3 correlated Gaussians with weights 0.5 / 0.3 / 0.2
+=============  ====  ===========================================================================
+
+The mixtures are written with ``pyro.factor`` on a broad Gaussian "prior" that the factor cancels
+(:func:`~pyro_mogflow.models.gaussian_mixture_model`), so the posterior is exactly the mixture and
+:math:`\log Z` = 0. The prior plays the role a prior plays in a real model: it says where the
+latent can live (guides that initialise from the prior use it). For ``gmm40`` its standard
+deviation is 25, about that of the uniform law on :math:`[-40, 40]` the means are drawn from.
+
+References:
+
+* L. Midgley, V. Stimper, G. Simm, B. Schölkopf, J. M. Hernández-Lobato, *Flow Annealed
+  Importance Sampling Bootstrap*, ICLR 2023 (the 40-component benchmark).
+* R. Neal, *Slice sampling*, Annals of Statistics 2003 (the funnel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_mogflow.models import (
+    Target,
+    _sign_regression_log_lik_given_sigma,
+    gaussian_mixture_target,
+    sign_regression,
+)
+
+__all__ = [
+    "BenchTarget",
+    "GMM40_SEED",
+    "TARGETS",
+    "build_target",
+    "correlated_mixture_model",
+    "funnel10",
+    "funnel_model",
+    "gmm40",
+    "grid9",
+    "mix10",
+    "ring8",
+    "signreg",
+]
+
+#: Seed of the private generator that draws the 40 means of ``gmm40`` (uniform on [-40, 40]^2).
+GMM40_SEED = 0
+#: Seed of the private generator that draws the means and covariances of ``mix10``.
+MIX10_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTarget:
+    """A benchmark target: a Pyro model with known evidence, modes and an exact sampler.
+
+    :param str name: short key (a column of the table).
+    :param Target target: the model, its data, modes (on :attr:`Target.site`), radius, log Z.
+    :param callable sample: ``sample(num_samples, generator) -> dict`` site name -> exact
+        posterior draws, shape ``(N, *site_shape)`` (constrained space).
+    :param bool multimodal: whether mode coverage and mode masses are scored.
+    :param float radius: capture radius of a mode: a point counts toward the nearest mode when
+        it lies within this distance of it, else toward "elsewhere" (see
+        :func:`benchmarks.metrics.mode_bins`). Default :attr:`Target.radius`.
+    :param plot: for targets with two latent dimensions, ``(x_site, x_index, y_site, y_index,
+        (x_lo, x_hi), (y_lo, y_hi))``: what to put on each axis of the 2-D plot; else ``None``.
+    """
+
+    name: str
+    target: Target
+    sample: Callable[[int, torch.Generator], dict]
+    multimodal: bool = True
+    plot: tuple | None = None
+    radius: float | None = None
+
+    @property
+    def capture_radius(self) -> float:
+        """The radius used to assign points to modes (see :attr:`radius`)."""
+        return float(self.target.radius if self.radius is None else self.radius)
+
+    @property
+    def description(self) -> str:
+        """One line for tables and plots."""
+        return self.target.description
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def _mixture_sampler(target: Target) -> Callable[[int, torch.Generator], dict]:
+    """Exact sampler of a :func:`~pyro_mogflow.models.gaussian_mixture_target` posterior."""
+    logits, locs, scales = (t.detach().cpu().double() for t in target.args)
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        k = torch.multinomial(logits.softmax(-1), num_samples, True, generator=generator)
+        eps = torch.randn((num_samples, locs.shape[-1]), generator=generator, dtype=torch.float64)
+        z = locs[k] + scales[k] * eps
+        return {"z": z.to(dtype=target.modes.dtype, device=target.modes.device)}
+
+    return sample
+
+
+def _box(locs: torch.Tensor, margin: float) -> tuple:
+    lo = float(locs.min()) - margin
+    hi = float(locs.max()) + margin
+    return ("z", 0, "z", 1, (lo, hi), (lo, hi))
+
+
+# --------------------------------------------------------------------------- 2-D mixtures
+def grid9(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    """Nine equal Gaussians, std 0.5, centred on the grid ``{-5, 0, 5}^2``; log Z = 0."""
+    ticks = (-5.0, 0.0, 5.0)
+    locs = torch.tensor([[a, b] for a in ticks for b in ticks], dtype=dtype)
+    target = gaussian_mixture_target(locs, scales=0.5, dtype=dtype)
+    target = dataclasses.replace(
+        target, name="grid9", description="3x3 grid of Gaussians at {-5,0,5}^2, std 0.5"
+    )
+    return BenchTarget("grid9", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+
+
+def ring8(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    """Eight equal Gaussians, std 0.5, on a circle of radius 6; log Z = 0."""
+    angle = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    locs = (6.0 * torch.stack([angle.cos(), angle.sin()], -1)).to(dtype)
+    target = gaussian_mixture_target(locs, scales=0.5, dtype=dtype)
+    target = dataclasses.replace(
+        target, name="ring8", description="8 Gaussians on a circle of radius 6, std 0.5"
+    )
+    return BenchTarget("ring8", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+
+
+def gmm40(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    r"""The FAB benchmark: 40 equal Gaussians in 2-D, std :math:`\operatorname{softplus}(1)`.
+
+    The means are ``80 * (U - 0.5)`` with ``U`` uniform on :math:`[0, 1)^2`, drawn (float32)
+    from ``torch.Generator().manual_seed(GMM40_SEED)``. The prior the factor cancels has
+    standard deviation 25 (see the module docstring). log Z = 0.
+    """
+    u = torch.rand((40, 2), generator=_generator(GMM40_SEED), dtype=torch.float32)
+    locs = ((u - 0.5) * 80.0).to(dtype)
+    scale = math.log1p(math.e)  # softplus(1)
+    target = gaussian_mixture_target(locs, scales=scale, dtype=dtype)
+    target = dataclasses.replace(
+        target,
+        name="gmm40",
+        kwargs={**target.kwargs, "prior_scale": 25.0},
+        description="40 Gaussians, means uniform on [-40,40]^2, std softplus(1)",
+    )
+    # Some means lie closer than 3 std to each other, so the Target's ball radius (half the
+    # smallest gap) is tiny; modes are captured within 3 std of the nearest mean instead.
+    return BenchTarget(
+        "gmm40", target, _mixture_sampler(target), plot=_box(locs, 6.0), radius=3 * scale
+    )
+
+
+# ------------------------------------------------------------------------------ funnel
+def funnel_model(dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.float32):
+    r"""Neal's funnel in ``dim`` dimensions, as a Pyro model (no data).
+
+    .. math:: v \sim \mathcal{N}(0, 3^2), \qquad x_i \mid v \sim \mathcal{N}(0, e^{v}),
+        \quad i = 1..\texttt{dim}-1.
+
+    The density is normalised, so :math:`\log Z = 0`.
+    """
+    zero = torch.zeros((), dtype=dtype)
+    v = pyro.sample("v", dist.Normal(zero, zero + scale))
+    x_scale = (v / 2).exp().unsqueeze(-1).expand(v.shape + (dim - 1,))
+    return pyro.sample("x", dist.Normal(torch.zeros_like(x_scale), x_scale).to_event(1))
+
+
+def funnel10(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    """Neal's funnel in 10-D: unimodal with hard geometry (mixtures must not hurt here)."""
+    target = Target(
+        name="funnel10",
+        model=funnel_model,
+        args=(),
+        kwargs={"dim": 10, "dtype": dtype},
+        site="v",
+        modes=torch.zeros(1, dtype=dtype),
+        radius=1e6,
+        log_z=0.0,
+        description="Neal's funnel in 10-D, v ~ N(0, 3^2)",
+    )
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        v = 3.0 * torch.randn(num_samples, generator=generator, dtype=torch.float64)
+        x = torch.randn((num_samples, 9), generator=generator, dtype=torch.float64)
+        return {"v": v.to(dtype), "x": (x * (v / 2).exp().unsqueeze(-1)).to(dtype)}
+
+    return BenchTarget("funnel10", target, sample, multimodal=False)
+
+
+# ---------------------------------------------------------------------- sign regression
+def signreg(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    r"""The sign-symmetric regression :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`.
+
+    :func:`~pyro_mogflow.models.sign_regression` with its defaults (40 points, slope 1.5,
+    noise 0.5, seed 0). Exact draws: :math:`\sigma` by inverse-CDF sampling of its marginal on
+    a fine grid of :math:`\log\sigma` (the quadrature behind :math:`\log Z`), then
+    :math:`|\theta| \mid \sigma` from its Gaussian truncated to :math:`\theta > 0` and a fair
+    random sign.
+    """
+    target = sign_regression(dtype=dtype)
+    target = dataclasses.replace(target, name="signreg")
+    x, y = (t.detach().cpu().double() for t in target.args)
+    s0 = float(target.kwargs["prior_scale"])
+    u = torch.linspace(-12.0, 5.0, 40001, dtype=torch.float64)
+    sigma = u.exp()
+    log_prior = dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(sigma) + u
+    log_f = log_prior + _sign_regression_log_lik_given_sigma(x, y, s0, sigma, 0.0, math.inf)
+    probs = (log_f - log_f.logsumexp(0)).exp()
+    du = float(u[1] - u[0])
+    sxx, sxy = float((x * x).sum()), float((x * y).sum())
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        idx = torch.multinomial(probs, num_samples, True, generator=generator)
+        jitter = torch.rand(num_samples, generator=generator, dtype=torch.float64) - 0.5
+        s = (u[idx] + du * jitter).exp()
+        prec = 1.0 / s0**2 + sxx / s**2
+        mean = (sxy / s**2) / prec
+        sd = prec.rsqrt()
+        # |theta| | sigma: N(mean, sd^2) truncated to (0, inf), by inverse CDF
+        lo = torch.special.ndtr(-mean / sd)
+        v = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+        p = (lo + v * (1 - lo)).clamp(1e-300, 1 - 1e-16)
+        magnitude = mean + sd * torch.special.ndtri(p)
+        sign = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
+        return {"theta": (sign * magnitude).to(dtype), "sigma": s.to(dtype)}
+
+    return BenchTarget(
+        "signreg", target, sample, plot=("theta", None, "sigma", None, (-2.5, 2.5), (0.25, 1.0))
+    )
+
+
+# ------------------------------------------------------------------- correlated mixture
+def correlated_mixture_model(
+    logits: torch.Tensor,
+    locs: torch.Tensor,
+    scale_trils: torch.Tensor,
+    log_z: float = 0.0,
+    prior_scale: float = 10.0,
+):
+    r"""A mixture of full-covariance Gaussians as a Pyro model with one latent site ``z``.
+
+    .. math::
+        z \sim \mathcal{N}(0, s_0^2 I_D), \qquad
+        \text{factor} = \log \sum_k \pi_k \mathcal{N}(z; \mu_k, L_k L_k^\top)
+        - \log \mathcal{N}(z; 0, s_0^2 I_D) + \log Z,
+
+    so the posterior is the mixture and the evidence is :math:`Z` (as
+    :func:`~pyro_mogflow.models.gaussian_mixture_model`, with correlated components).
+
+    :param torch.Tensor logits: ``(K,)``. :param torch.Tensor locs: ``(K, D)``.
+    :param torch.Tensor scale_trils: lower Cholesky factors ``(K, D, D)``.
+    """
+    d = locs.shape[-1]
+    zero = torch.zeros(d, dtype=locs.dtype, device=locs.device)
+    prior = dist.Normal(zero, torch.full_like(zero, prior_scale)).to_event(1)
+    z = pyro.sample("z", prior)
+    comp = dist.MultivariateNormal(locs, scale_tril=scale_trils)
+    log_mix = torch.logsumexp(torch.log_softmax(logits, -1) + comp.log_prob(z.unsqueeze(-2)), -1)
+    pyro.factor("target", log_mix - prior.log_prob(z) + log_z)
+    return z
+
+
+def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
+    r"""Three correlated Gaussians in 10-D with unequal weights 0.5 / 0.3 / 0.2; log Z = 0.
+
+    Means: three points drawn :math:`\mathcal{N}(0, 4^2 I)` (seed :data:`MIX10_SEED`), at
+    least 14 apart. Covariances :math:`\Sigma_k = 0.3 I + A_k A_k^\top` with
+    :math:`A_{k,ij} \sim \mathcal{N}(0, 0.3^2)`: standard deviations about 0.8, correlations up
+    to about 0.6. A mode's ball has radius 5 (holding about 99% of its component).
+    """
+    gen = _generator(MIX10_SEED)
+    d = 10
+    locs = 4.0 * torch.randn((3, d), generator=gen, dtype=torch.float64)
+    a = 0.3 * torch.randn((3, d, d), generator=gen, dtype=torch.float64)
+    cov = 0.3 * torch.eye(d, dtype=torch.float64) + a @ a.transpose(-1, -2)
+    tril = torch.linalg.cholesky(cov)
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    gaps = torch.cdist(locs, locs) + torch.eye(3, dtype=torch.float64) * 1e9
+    if not float(gaps.min()) > 14:
+        raise RuntimeError(f"MIX10_SEED={MIX10_SEED} gives means closer than 14")
+    target = Target(
+        name="mix10",
+        model=correlated_mixture_model,
+        args=(weights.log().to(dtype), locs.to(dtype), tril.to(dtype)),
+        kwargs={"log_z": 0.0},
+        site="z",
+        modes=locs.to(dtype),
+        radius=5.0,
+        log_z=0.0,
+        description="3 correlated Gaussians in 10-D, weights 0.5/0.3/0.2",
+    )
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        k = torch.multinomial(weights, num_samples, True, generator=generator)
+        eps = torch.randn((num_samples, d, 1), generator=generator, dtype=torch.float64)
+        z = locs[k] + (tril[k] @ eps).squeeze(-1)
+        return {"z": z.to(dtype)}
+
+    return BenchTarget("mix10", target, sample)
+
+
+#: name -> builder ``(dtype) -> BenchTarget``; the order of the table's columns.
+TARGETS: dict[str, Callable[..., BenchTarget]] = {
+    "grid9": grid9,
+    "ring8": ring8,
+    "gmm40": gmm40,
+    "funnel10": funnel10,
+    "signreg": signreg,
+    "mix10": mix10,
+}
+
+
+def build_target(name: str, dtype: torch.dtype = torch.float32) -> BenchTarget:
+    """The benchmark target called ``name`` (one of :data:`TARGETS`)."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {list(TARGETS)}")
+    return TARGETS[name](dtype=dtype)
