@@ -384,10 +384,10 @@ def markdown(results: dict) -> str:
         lines += [
             "## The relaxed estimators",
             "",
-            "The Gumbel-softmax estimators optimise a biased objective: a relaxed draw lies "
-            "between components, where the exact mixture density that scores it is low, so "
-            "the objective rewards components that are far apart and narrow (it is unbounded; "
-            "see README). Their rows show what that does to a VAE: "
+            "The Gumbel-softmax estimators optimise a biased objective: a relaxed draw is a "
+            "soft blend of components and lies off them, where the exact mixture density that "
+            "scores it is low, so the objective rewards narrow components and is unbounded as "
+            "their scales shrink (see README). Their rows show what that does to a VAE: "
             + "; ".join(
                 f"{r['label']}: σ {r['scale_median']:.2g}, IWAE {r['iwae']:.1f}" for r in relaxed
             )
