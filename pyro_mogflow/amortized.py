@@ -638,10 +638,7 @@ class AmortizedMixtureFlow(nn.Module):
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         logits, locs, scales, h = self.encode(x)
         tau = self.current_temperature() if estimator.startswith("relaxed") else 0.5
-        transforms = [
-            layer.condition(h) if isinstance(layer, ConditionalTransform) else layer
-            for layer in self.flow
-        ]
+        transforms = [_per_call(layer, h) for layer in self.flow]
         if torch.is_grad_enabled():
             self.step += 1
         return MixtureFlowPosterior(
@@ -673,6 +670,16 @@ class AmortizedMixtureFlow(nn.Module):
             f"num_components={self.num_components}, flow={self.flow_name!r}, "
             f"num_flows={self.num_flows}, estimator={self.estimator!r}"
         )
+
+
+def _per_call(layer: nn.Module, context: torch.Tensor) -> Transform:
+    """A fresh transform for one posterior: conditioned layers, and permutations rebuilt so that
+    no transform cache (which holds the last draw and its graph) lives on the module."""
+    if isinstance(layer, ConditionalTransform):
+        return layer.condition(context)
+    if isinstance(layer, BufferPermute):
+        return T.Permute(layer.permutation)
+    raise TypeError(f"unexpected flow layer {type(layer).__name__}")
 
 
 def _check_dims(name: str, dims, allow_empty: bool) -> tuple[int, ...]:

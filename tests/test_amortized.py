@@ -430,6 +430,18 @@ def test_state_dict_round_trip_gives_the_same_posterior():
     assert fresh.step == encoder.step
 
 
+@pytest.mark.parametrize("flow", FLOWS)
+def test_module_keeps_no_draws_after_a_call(flow):
+    """No transform cache on the module: deepcopy works and no graph is kept alive."""
+    encoder = _encoder(flow=flow, num_flows=3)
+    q = encoder(torch.randn(4, 3, dtype=torch.float64))
+    q.log_prob(q.rsample())
+    copy = __import__("copy").deepcopy(encoder)
+    z = torch.randn(4, 2, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(copy(x).log_prob(z), encoder(x).log_prob(z))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_cuda(dtype):
