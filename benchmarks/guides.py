@@ -18,10 +18,12 @@ row                      guide
 ``Pyro mixture+IAF``     what a Pyro user writes today: ``MixtureOfDiagNormals`` (pathwise
                          gradients) under two affine autoregressive layers, ``Trace_ELBO``
 ``design note``          the design note as written: ``AutoMixtureFlow(estimator=
-                         "relaxed-nested")`` with its former initialisation (means within one
-                         unit of the initial location), plain ``Trace_ELBO``, no tempering
+                         "relaxed-nested")`` under :data:`FLOW`, with the former
+                         initialisation (means within one unit of the initial location), plain
+                         ``Trace_ELBO``, no tempering
 ``AMF defaults``         ``pyro_mogflow.fit(model)``: every default of this package
 ``AMF <estimator>``      ``fit`` with ``AutoMixtureFlow(estimator=<estimator>)``, other defaults
+``AMF spline flow``      ``fit`` with ``AutoMixtureFlow(flow=...)`` of :data:`FLOW` (ablation)
 ``AMF no tempering``     ``fit(..., beta=None)``, other defaults (ablation)
 ``AMF no natural grad``  ``fit(..., weight_step=None, balance=None)``, other defaults (ablation)
 =======================  ==========================================================================
@@ -141,7 +143,12 @@ GUIDES: dict[str, GuideSpec] = {
     "Pyro mixture+IAF": GuideSpec(lambda m, k: PyroMixtureIAF(m, k), _PYRO_FIT),
     "design note": GuideSpec(
         lambda m, k: AutoMixtureFlow(
-            m, num_components=k, estimator="relaxed-nested", init_spread=1.0
+            m,
+            num_components=k,
+            flow=FLOW[0],
+            num_flows=FLOW[1],
+            estimator="relaxed-nested",
+            init_spread=1.0,
         ),
         _PYRO_FIT,
         family="design",
@@ -151,6 +158,12 @@ GUIDES: dict[str, GuideSpec] = {
     "AMF pathwise": GuideSpec(_amf("pathwise"), {}, family="amf"),
     "AMF relaxed": GuideSpec(_amf("relaxed"), {}, family="amf"),
     "AMF relaxed-nested": GuideSpec(_amf("relaxed-nested"), {}, family="amf"),
+    "AMF spline flow": GuideSpec(
+        lambda m, k: AutoMixtureFlow(m, num_components=k, flow=FLOW[0], num_flows=FLOW[1]),
+        {},
+        stratified=True,
+        family="amf",
+    ),
     "AMF no tempering": GuideSpec(_amf("stratified"), _NO_TEMPERING, stratified=True, family="amf"),
     "AMF no natural grad": GuideSpec(
         _amf("stratified"), {"weight_step": None, "balance": None}, stratified=True, family="amf"

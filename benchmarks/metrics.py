@@ -187,7 +187,7 @@ def evaluate(
         xs, xi, ys, yi = bench.plot[:4]
         x = values[xs][:num_plot] if xi is None else values[xs][:num_plot, xi]
         y = values[ys][:num_plot] if yi is None else values[ys][:num_plot, yi]
-        out["plot_samples"] = torch.stack([x, y], -1).double().cpu().tolist()
+        out["plot_samples"] = torch.stack([x, y], -1).double().cpu().round(decimals=3).tolist()
     return out
 
 

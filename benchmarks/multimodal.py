@@ -32,6 +32,7 @@ import functools
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -232,14 +233,15 @@ def summarise(runs: list) -> dict:
     return table
 
 
-def check_goals(summary: dict, timing: dict, seeds: int) -> list:
+def check_goals(summary: dict, timing: dict) -> list:
     """The goals of issue 4 for ``AMF defaults``: each as ``{goal, met, figure}``."""
     goals = []
-    need = math.ceil(0.8 * seeds)
     for name in MULTIMODAL_GOAL_TARGETS:
         cell = summary.get(name, {}).get("AMF defaults")
-        if cell is None:
+        if cell is None or not cell["seeds"]:
             continue
+        seeds = cell["seeds"]
+        need = math.ceil(0.8 * seeds)
         got = cell.get("seeds_all_modes_tv", 0)
         goals.append(
             {
@@ -330,7 +332,7 @@ def markdown(summary: dict, timing: dict, goals: list, meta: dict) -> str:
         "# Multimodal benchmark",
         "",
         f"{meta['date']}, {meta['machine']}; suite `{meta['suite']}`: {meta['steps']} steps, "
-        f"{meta['seeds']} seeds, K = {meta['K']} (components of every mixture, particles of "
+        f"up to {meta['seeds']} seeds, K = {meta['K']} (components of every mixture, particles of "
         f"every other guide), Adam lr {meta['lr']}. Command: `{meta['command']}`.",
         "",
         "Means over seeds. rKL = KL(q||p), fKL = KL(p||q) (from exact draws), covered = modes "
@@ -450,36 +452,9 @@ def _machine() -> str:
     )
 
 
-def main(argv=None) -> dict:
-    """Command-line entry point; returns the JSON document it writes."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="override")
-    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), help="override")
-    parser.add_argument("--seeds", type=int, help="override the number of seeds")
-    parser.add_argument("--steps", type=int, help="override the number of steps")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
-    parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
-    parser.add_argument("--machine", default=None, help="describe the machine in the report")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
-    targets = tuple(args.targets or suite.targets)
-    guides = tuple(args.guides or suite.guides)
-    seeds = args.seeds or suite.seeds
-    steps = args.steps or suite.steps
-    if seeds < 1 or steps < 1 or args.jobs < 1:
-        parser.error("--seeds, --steps and --jobs must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)
-    timing = (
-        {}
-        if args.no_timing
-        else time_per_step(
-            [g for g in guides if g in ("AutoNormalizingFlow",) or g.startswith("AMF ")]
-        )
-    )
-    jobs = [
+def _run_all(targets, guides, seeds: int, steps: int, jobs: int) -> list:
+    """Every (target, guide, seed) job, over ``jobs`` worker processes, with a progress bar."""
+    work = [
         {
             "target": t,
             "guide": g,
@@ -492,34 +467,88 @@ def main(argv=None) -> dict:
         for g in guides
     ]
     runs = []
-    bar = tqdm(total=len(jobs), desc="multimodal", file=sys.stderr)
-    if args.jobs == 1:
-        for job in jobs:
+    bar = tqdm(total=len(work), desc="multimodal", file=sys.stderr)
+    if jobs == 1:
+        for job in work:
             runs.append(run_job(job))
             bar.update(1)
     else:
-        ctx = __import__("multiprocessing").get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            for fut in cf.as_completed([pool.submit(run_job, job) for job in jobs]):
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            for fut in cf.as_completed([pool.submit(run_job, job) for job in work]):
                 runs.append(fut.result())
                 bar.update(1)
     bar.close()
+    return runs
+
+
+def main(argv=None) -> dict:
+    """Command-line entry point; returns the JSON document it writes."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="override")
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), help="override")
+    parser.add_argument("--seeds", type=int, help="override the number of seeds")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    parser.add_argument("--machine", default=None, help="describe the machine in the report")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="do not run: merge the runs and timings of earlier multimodal.json files",
+    )
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    targets = tuple(args.targets or suite.targets)
+    guides = tuple(args.guides or suite.guides)
+    seeds = args.seeds or suite.seeds
+    steps = args.steps or suite.steps
+    if seeds < 1 or steps < 1 or args.jobs < 1:
+        parser.error("--seeds, --steps and --jobs must be >= 1")
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    command = "python -m benchmarks.multimodal " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        runs, timing, steps_seen, commands = [], {}, set(), []
+        for path in args.merge:
+            with open(path) as fh:
+                part = json.load(fh)
+            runs += part["runs"]
+            timing.update(part["timing"])
+            steps_seen.add(part["meta"]["steps"])
+            commands.append(part["meta"]["command"])
+        targets = tuple(t for t in TARGETS if any(r["target"] == t for r in runs))
+        guides = tuple(g for g in GUIDES if any(r["guide"] == g for r in runs))
+        steps = steps_seen.pop() if len(steps_seen) == 1 else sorted(steps_seen)
+        seeds = max(r["seed"] for r in runs) + 1
+        command = " && ".join(commands) + " && " + command
+    else:
+        timing = (
+            {}
+            if args.no_timing
+            else time_per_step(
+                [g for g in guides if g == "AutoNormalizingFlow" or g.startswith("AMF ")]
+            )
+        )
+        runs = _run_all(targets, guides, seeds, steps, args.jobs)
     runs.sort(key=lambda r: (targets.index(r["target"]), guides.index(r["guide"]), r["seed"]))
     summary = summarise(runs)
     summary = {t: {g: summary[t][g] for g in guides if g in summary[t]} for t in targets}
-    goals = check_goals(summary, timing, seeds)
+    goals = check_goals(summary, timing)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": args.machine or _machine(),
-        "suite": args.suite,
+        "suite": "merged" if args.merge else args.suite,
         "targets": targets,
         "guides": guides,
         "seeds": seeds,
         "steps": steps,
         "K": K_DEFAULT,
         "lr": LR_DEFAULT,
-        "command": "python -m benchmarks.multimodal "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
     }
     for name in targets:
         if build_target(name).plot is not None:
@@ -528,8 +557,6 @@ def main(argv=None) -> dict:
                 [r for r in runs if r["target"] == name],
                 os.path.join(args.out, f"multimodal_{name}.png"),
             )
-    for run in runs:
-        run.get("metrics", {}).pop("plot_samples", None)
     doc = {"meta": meta, "summary": summary, "timing": timing, "goals": goals, "runs": runs}
     report = markdown(summary, timing, goals, meta)
     with open(os.path.join(args.out, "multimodal.json"), "w") as fh:

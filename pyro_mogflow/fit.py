@@ -1,31 +1,42 @@
 r"""``fit``: train a guide with the package's mode-discovery defaults, in one call.
 
-A mixture guide can only find modes that its training lets it reach. :func:`fit` bundles the
-three things the multimodal benchmark (``python -m benchmarks.multimodal``) showed are needed, so
-that ``fit(model, *args)`` finds the modes of a posterior without tuning:
+A mixture guide can only find modes that its training lets it reach. :func:`fit` bundles what
+the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed, so that
+``fit(model, *args)`` finds the modes of a posterior without tuning:
 
-1. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
+1. **Components start over the prior.** The default guide, ``AutoMixtureFlow(model)``, places
+   its ``K = 64`` component means at independent draws of the model's prior
+   (``init_spread="prior"``).
+2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
-   over the first ``beta_fraction`` of the steps (:func:`default_beta_schedule`), so the
-   components first fit the broad prior and then follow the posterior as it sharpens, landing on
-   every mode instead of the one nearest to their start.
-2. **The exact expectation over components** (:class:`~pyro_mogflow.StratifiedELBO`) for an
-   :class:`~pyro_mogflow.AutoMixtureFlow` with ``estimator="stratified"`` (the default guide).
-3. **Natural-gradient mixture weights.** Writing the ELBO as
+   over the first ``beta_fraction`` of the steps (:func:`default_beta_schedule`): the components
+   first fit the broad prior and then follow the posterior as it sharpens, landing on every mode
+   instead of the one nearest to their start.
+3. **The exact expectation over components** (:class:`~pyro_mogflow.StratifiedELBO`) for an
+   :class:`~pyro_mogflow.AutoMixtureFlow` with ``estimator="stratified"`` (the default).
+4. **Natural gradients for the mixture.** Write the ELBO as
    :math:`\mathcal{L} = \sum_k \pi_k L_k` with
-   :math:`L_k = \mathbb{E}_{q_k}[\log p(x, z) - \log q(z)]`, the derivative along the simplex is
+   :math:`L_k = \mathbb{E}_{q_k}[\log p(x, z) - \log q(z)]`. Along the simplex
    :math:`\partial \mathcal{L} / \partial \pi_k = L_k - 1`, and the natural gradient (the
-   Fisher metric of the categorical) gives the multiplicative update
+   Fisher metric of the categorical) is the multiplicative update
 
    .. math:: \log \pi_k \leftarrow \log \pi_k + \eta\,\Big(L_k - \sum_j \pi_j L_j\Big)
-       \quad (\text{renormalised}).
+       \quad (\text{renormalised; } \eta = \texttt{weight\_step}).
 
-   For well separated components :math:`L_k \approx \log Z_k - \mathrm{KL}_k - \log \pi_k`, so a
-   step with :math:`\eta = 1` moves the weights straight to :math:`\pi_k \propto Z_k
-   e^{-\mathrm{KL}_k}`; the weights no longer wait for Adam to drift across orders of magnitude.
-   ``weight_step`` is :math:`\eta`; the per-component terms come from
-   :meth:`StratifiedELBO.particles <pyro_mogflow.StratifiedELBO.particles>`. After the last
-   step, :func:`balance_weights` solves for the weights once more with many draws per component.
+   For well separated components :math:`L_k \approx \log Z_k - \mathrm{KL}_k - \log \pi_k`, so
+   the weights move toward :math:`\pi_k \propto Z_k e^{-\mathrm{KL}_k}` geometrically instead of
+   drifting under Adam. The gradient wrt component :math:`k`'s mean and scale carries a factor
+   :math:`\pi_k` (the Fisher block of a component scales with its weight); it is divided out, so
+   a component whose weight has collapsed keeps moving toward a mode at full speed and wins its
+   weight back when it finds one (under Adam alone it stalls: Adam remembers the component's
+   earlier, much larger gradients). The per-component terms come from
+   :meth:`StratifiedELBO.particles <pyro_mogflow.StratifiedELBO.particles>`.
+5. **Balanced weights.** After the last step, :func:`balance_weights` sets the weights once
+   more from ``balance_particles`` draws per component.
+
+A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
+then trained at ``flow_lr`` (``lr / 10``): in the benchmark a flow trained from the start, or at
+``lr``, pulled the components off the modes they had found.
 
 Usage::
 
@@ -35,15 +46,16 @@ Usage::
     print(guide.components(x, y)["weights"])
 
 Any other Pyro guide can be passed as ``guide=``; it is trained with ``Trace_ELBO`` under the
-same tempering (steps 2 and 3 apply to stratified mixtures only).
+same tempering (items 3-5 apply to stratified mixtures only).
 
 References:
 
-* W. Morningstar et al., *Automatic Differentiation Variational Inference with Mixtures*,
-  AISTATS 2021 (the stratified ELBO).
+* W. Morningstar, S. Vikram, C. Ham, A. Gallagher, J. Dillon, *Automatic Differentiation
+  Variational Inference with Mixtures*, AISTATS 2021 (the stratified ELBO).
 * S. Amari, *Natural Gradient Works Efficiently in Learning*, Neural Computation 1998.
 * O. Cappé, R. Douc, A. Guillin, J.-M. Marin, C. Robert, *Adaptive importance sampling in
   general mixture classes*, Statistics and Computing 2008 (importance-sampling weight updates).
+* R. Neal, *Annealed importance sampling*, Statistics and Computing 2001 (tempering paths).
 """
 
 from __future__ import annotations
@@ -75,17 +87,15 @@ _WEIGHT_OBJECTIVES = ("elbo", "forward")
 
 
 class FitResult(NamedTuple):
-    """What :func:`fit` returns; unpacks as ``guide, losses, betas = fit(...)``.
+    r"""What :func:`fit` returns; unpacks as ``guide, losses = fit(...)``.
 
     :ivar guide: the fitted guide.
-    :ivar numpy.ndarray losses: shape ``(num_steps,)``, the loss of every step (the negative
-        ELBO of the tempered model at that step's :math:`\\beta`).
-    :ivar numpy.ndarray betas: shape ``(num_steps,)``, the :math:`\\beta` of every step.
+    :ivar numpy.ndarray losses: shape ``(num_steps,)``, the loss of every step: the negative
+        ELBO of the tempered model at that step's :math:`\beta`.
     """
 
     guide: object
     losses: np.ndarray
-    betas: np.ndarray
 
 
 def default_beta_schedule(
@@ -264,7 +274,7 @@ def fit(
     beta_fraction: float = 0.5,
     observed_only: bool = True,
     weight_step: float | None = 0.05,
-    balance: str | None = "elbo",
+    balance: str | None = "forward",
     balance_particles: int = 256,
     freeze_flow: bool = True,
     progress: bool = True,
@@ -276,10 +286,10 @@ def fit(
 
     .. code-block:: python
 
-        guide = AutoMixtureFlow(model)                     # K = 8, stratified, prior init
+        guide = AutoMixtureFlow(model)                     # K = 64, stratified, prior init
         tempered = TemperedModel(model, default_beta_schedule(2000), observed_only=True)
         # 2000 Adam steps (lr 0.02) of StratifiedELBO on the tempered model, the logits moved
-        # by natural-gradient steps (eta 0.05), then balance_weights(model, guide, ...).
+        # by natural-gradient steps (eta 0.05), then balance_weights(..., objective="forward").
 
     :param callable model: the Pyro model.
     :param args: the model's positional arguments (its data).
@@ -305,14 +315,16 @@ def fit(
     :param weight_step: :math:`\eta` of the natural-gradient update of the mixture weights
         (stratified mixtures only; default 0.05); ``None`` leaves the logits to ``optim``.
     :param balance: after the last step, :func:`balance_weights` with this objective
-        (``"elbo"``, default, or ``"forward"``); ``None`` skips it. Stratified mixtures only.
+        (``"forward"``, default: the posterior mass each component accounts for, which kept
+        the mode masses right where the components' shapes do not match the modes';
+        ``"elbo"``; or ``None`` to skip). Stratified mixtures only.
     :param int balance_particles: draws per component for :func:`balance_weights`.
     :param bool freeze_flow: keep the flow of a stratified mixture fixed while
         :math:`\beta < 1`, so the components find the modes before the flow bends their shapes
         (default True).
     :param bool progress: show a tqdm progress bar (default True).
     :param dict model_kwargs: the model's keyword arguments.
-    :return: a :class:`FitResult` ``(guide, losses, betas)``.
+    :return: a :class:`FitResult` ``(guide, losses)``.
     :raises RuntimeError: if the loss becomes NaN or infinite (the step is named).
     """
     if not callable(model):
@@ -404,7 +416,7 @@ def fit(
             objective=balance,
             **kwargs,
         )
-    return FitResult(guide, losses, betas)
+    return FitResult(guide, losses)
 
 
 def _learning_rates(guide, lr: float, flow_lr: float) -> Callable[[str], dict]:
