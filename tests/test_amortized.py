@@ -30,6 +30,15 @@ FLOWS = [None, *sorted(CONDITIONAL_FLOWS)]
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is fastest, and on a shared machine two threads can stall."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_stratified_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside StratifiedELBO.*")
