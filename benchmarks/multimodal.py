@@ -31,6 +31,7 @@ import datetime
 import functools
 import inspect
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -115,6 +116,7 @@ def run_job(job: dict) -> dict:
     """
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting" notes
     bench, true_samples, bins = _truth(job["target"])
     spec = GUIDES[job["guide"]]
     model, args, kwargs = bench.target.model, bench.target.args, bench.target.kwargs
