@@ -23,17 +23,22 @@ def test_readme_starts_with_the_two_commands():
     assert first[1] in ci
 
 
-def test_quick_start_runs_and_finds_both_sign_modes(capsys):
+def test_every_example_runs_and_the_quick_start_finds_both_sign_modes(capsys):
     blocks = _python_blocks()
-    assert blocks, "README has no python example"
+    assert len(blocks) >= 3, "README lost an example"
     namespace = {"__name__": "readme"}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    for block in blocks:  # one namespace: later examples build on the first
+        exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
     assert "weight" in printed
     found = namespace["found"]
     weights, theta = found["weights"], found["values"]["theta"]
     assert torch.isclose(weights.sum(), torch.tensor(1.0, dtype=weights.dtype))
-    # Both signs of theta carry real mass, each near |theta| = 1.5.
+    # Both signs of theta carry about half the mass each, near |theta| = 1.5.
     for sign in (1, -1):
         near = (sign * theta - 1.5).abs() < 0.5
-        assert weights[near].sum() > 0.2, (weights, theta)
+        assert 0.4 < float(weights[near].sum()) < 0.6, (weights, theta)
+    # The plain-SVI example produced constrained draws; the ArviZ example a report.
+    assert namespace["samples"]["sigma"].min() > 0
+    assert namespace["samples"]["theta"].shape[0] == 1000
+    assert namespace["report"] is not None
