@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
+from ._checks import check_int, check_real
 from .autoguide import ESTIMATORS
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import DEFAULT_SPLINE_BOUND, BufferPermute
@@ -209,20 +210,11 @@ class _PathwiseMixture(DiagNormalMixture):
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def _check_float(name: str, value, minimum: float = 0.0, strict: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or (value <= minimum if strict else value < minimum):
-        bound = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {bound} {minimum}, got {value}")
-    return float(value)
+    return check_real(name, value, minimum=minimum, strict=strict)
 
 
 # ------------------------------------------------------------------------------ distribution

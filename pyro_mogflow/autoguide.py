@@ -24,6 +24,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from ._checks import check_int, check_real
 from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
 
@@ -62,17 +63,11 @@ class StratifiedDraw:
 
 
 def _check_positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return check_int(name, value, minimum)
 
 
 def _check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    return check_real(name, value, minimum=0.0, strict=True)
 
 
 class _PriorDraw(Messenger):

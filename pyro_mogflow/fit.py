@@ -61,7 +61,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -73,6 +72,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 
+from ._checks import check_int, check_real
 from .autoguide import AutoMixtureFlow
 from .distributions.density import component_log_prob
 from .infer.anneal import Schedule, TemperedModel, exponential_schedule
@@ -121,21 +121,11 @@ def default_beta_schedule(
 
 # ------------------------------------------------------------------------------- checks
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> float:
-    what = "a float >= 0" if allow_zero else "a positive float"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {what}, got {value}")
-    return value
+    return check_real(name, value, minimum=0.0, strict=not allow_zero)
 
 
 def _check_unit(name: str, value) -> float:

@@ -268,18 +268,18 @@ def _counting(model):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"num_components": 0}, ValueError, "num_components must be >= 1, got 0"),
-        ({"num_components": -2}, ValueError, "num_components must be >= 1, got -2"),
-        ({"num_components": 2.0}, TypeError, "num_components must be an int, got float"),
-        ({"temperature": 0.0}, ValueError, "temperature must be > 0, got 0.0"),
-        ({"temperature": -0.5}, ValueError, "temperature must be > 0, got -0.5"),
-        ({"temperature": float("nan")}, ValueError, "temperature must be > 0, got nan"),
-        ({"temperature": "hot"}, TypeError, "temperature must be a positive float, got str"),
+        ({"num_components": 0}, ValueError, "num_components must be an int >= 1, got 0"),
+        ({"num_components": -2}, ValueError, "num_components must be an int >= 1, got -2"),
+        ({"num_components": 2.0}, TypeError, "num_components must be an int >= 1, got float"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite float > 0, got 0.0"),
+        ({"temperature": -0.5}, ValueError, "temperature must be a finite float > 0, got -0.5"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite float > 0, got nan"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a finite float > 0, got str"),
         ({"flow": "glow"}, ValueError, "unknown flow 'glow'; registered flows are"),
         ({"flow": 3}, TypeError, "flow must be a registered name"),
         ({"estimator": "reinforce"}, ValueError, "unknown estimator 'reinforce'; choose one of"),
-        ({"num_flows": 0}, ValueError, "num_flows must be >= 1, got 0"),
-        ({"init_scale": 0.0}, ValueError, "init_scale must be > 0"),
+        ({"num_flows": 0}, ValueError, "num_flows must be an int >= 1, got 0"),
+        ({"init_scale": 0.0}, ValueError, "init_scale must be a finite float > 0"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(kwargs, error, match):
