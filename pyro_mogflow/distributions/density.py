@@ -21,6 +21,7 @@ __all__ = [
     "mixture_log_prob",
     "check_mixture_params",
     "mixture_moments",
+    "expand_mixture_params",
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -137,3 +138,12 @@ def check_mixture_params(logits, locs, scales) -> tuple[torch.Tensor, torch.Tens
         locs.expand(batch + (k, d)),
         scales.expand(batch + (k, d)),
     )
+
+
+def expand_mixture_params(source, target, batch_shape: torch.Size) -> None:
+    """Set ``target.logits``, ``.locs`` and ``.scales`` to ``source``'s, expanded to
+    ``batch_shape`` (views, no copies): the shared part of every mixture's ``expand``."""
+    k, d = source.locs.shape[-2:]
+    target.logits = source.logits.expand(batch_shape + (k,))
+    target.locs = source.locs.expand(batch_shape + (k, d))
+    target.scales = source.scales.expand(batch_shape + (k, d))

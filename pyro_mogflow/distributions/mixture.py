@@ -32,7 +32,12 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.autograd.function import once_differentiable
 
-from .density import check_mixture_params, mixture_log_prob, mixture_moments
+from .density import (
+    check_mixture_params,
+    expand_mixture_params,
+    mixture_log_prob,
+    mixture_moments,
+)
 
 __all__ = ["DiagNormalMixture", "implicit_mixture_rsample", "mixture_rosenblatt"]
 
@@ -277,10 +282,7 @@ class DiagNormalMixture(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(DiagNormalMixture, _instance)
         batch_shape = torch.Size(batch_shape)
-        k, d = self.locs.shape[-2:]
-        new.logits = self.logits.expand(batch_shape + (k,))
-        new.locs = self.locs.expand(batch_shape + (k, d))
-        new.scales = self.scales.expand(batch_shape + (k, d))
+        expand_mixture_params(self, new, batch_shape)
         super(DiagNormalMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

@@ -7,7 +7,13 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
-from .density import _as_tensor, check_mixture_params, mixture_log_prob, mixture_moments
+from .density import (
+    _as_tensor,
+    check_mixture_params,
+    expand_mixture_params,
+    mixture_log_prob,
+    mixture_moments,
+)
 
 __all__ = ["RelaxedMixtureOfDiagNormals", "relaxed_one_hot_log"]
 
@@ -150,10 +156,7 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(RelaxedMixtureOfDiagNormals, _instance)
         batch_shape = torch.Size(batch_shape)
-        k, d = self.locs.shape[-2:]
-        new.logits = self.logits.expand(batch_shape + (k,))
-        new.locs = self.locs.expand(batch_shape + (k, d))
-        new.scales = self.scales.expand(batch_shape + (k, d))
+        expand_mixture_params(self, new, batch_shape)
         new.temperature = self.temperature.expand(batch_shape)
         new.density = self.density
         new.num_nested = self.num_nested
