@@ -124,8 +124,11 @@ def run_job(job: dict) -> dict:
     pyro.set_rng_seed(job["seed"])
     out = dict(job)
     try:
-        guide = spec.build(model, K_DEFAULT)
-        particles = 1 if spec.stratified else K_DEFAULT
+        k = job.get("K", K_DEFAULT)
+        guide = spec.build(model, k)
+        if guide is None and k != K_DEFAULT:  # "AMF defaults" with another K
+            guide = AutoMixtureFlow(model, num_components=k)
+        particles = 1 if spec.stratified else k
         start = time.perf_counter()
         result = fit(
             model,
@@ -156,6 +159,7 @@ def time_per_step(guides, steps: int = TIMING_STEPS) -> dict:
     AutoMixtureFlow rows are built with the flow of :data:`benchmarks.guides.FLOW` here.
     """
     torch.set_num_threads(1)
+    logging.getLogger("pyro").setLevel(logging.WARNING)
     bench = build_target("funnel10")
     model, args, kwargs = bench.target.model, bench.target.args, bench.target.kwargs
     name, layers = FLOW
@@ -462,7 +466,11 @@ def _machine() -> str:
     )
 
 
-def _run_all(targets, guides, seeds: int, steps: int, jobs: int) -> list:
+def _one_or_all(values: list):
+    return values[0] if len(values) == 1 else values
+
+
+def _run_all(targets, guides, seeds: int, steps: int, jobs: int, k: int = K_DEFAULT) -> list:
     """Every (target, guide, seed) job, over ``jobs`` worker processes, with a progress bar."""
     work = [
         {
@@ -470,6 +478,7 @@ def _run_all(targets, guides, seeds: int, steps: int, jobs: int) -> list:
             "guide": g,
             "seed": s,
             "steps": steps,
+            "K": k,
             "num_plot": 1000 if s == 0 and build_target(t).plot is not None else 0,
         }
         for t in targets
@@ -501,7 +510,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--steps", type=int, help="override the number of steps")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--num-components",
+        type=int,
+        default=K_DEFAULT,
+        help="K of every mixture and particles of every other guide (default: the guide's K)",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    parser.add_argument("--timing-only", action="store_true", help="only the timing table")
     parser.add_argument("--machine", default=None, help="describe the machine in the report")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument(
@@ -516,8 +532,8 @@ def main(argv=None) -> dict:
     guides = tuple(args.guides or suite.guides)
     seeds = args.seeds or suite.seeds
     steps = args.steps or suite.steps
-    if seeds < 1 or steps < 1 or args.jobs < 1:
-        parser.error("--seeds, --steps and --jobs must be >= 1")
+    if seeds < 1 or steps < 1 or args.jobs < 1 or args.num_components < 1:
+        parser.error("--seeds, --steps, --jobs and --num-components must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     command = "python -m benchmarks.multimodal " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -528,7 +544,8 @@ def main(argv=None) -> dict:
                 part = json.load(fh)
             runs += part["runs"]
             timing.update(part["timing"])
-            steps_seen.add(part["meta"]["steps"])
+            if part["runs"]:
+                steps_seen.add(part["meta"]["steps"])
             commands.append(part["meta"]["command"])
         targets = tuple(t for t in TARGETS if any(r["target"] == t for r in runs))
         guides = tuple(g for g in GUIDES if any(r["guide"] == g for r in runs))
@@ -543,10 +560,16 @@ def main(argv=None) -> dict:
                 [g for g in guides if g == "AutoNormalizingFlow" or GUIDES[g].family == "amf"]
             )
         )
-        runs = _run_all(targets, guides, seeds, steps, args.jobs)
+        runs = (
+            []
+            if args.timing_only
+            else _run_all(targets, guides, seeds, steps, args.jobs, args.num_components)
+        )
     runs.sort(key=lambda r: (targets.index(r["target"]), guides.index(r["guide"]), r["seed"]))
     summary = summarise(runs)
-    summary = {t: {g: summary[t][g] for g in guides if g in summary[t]} for t in targets}
+    summary = {
+        t: {g: summary[t][g] for g in guides if g in summary[t]} for t in targets if t in summary
+    }
     goals = check_goals(summary, timing)
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -556,7 +579,9 @@ def main(argv=None) -> dict:
         "guides": guides,
         "seeds": seeds,
         "steps": steps,
-        "K": K_DEFAULT,
+        "K": _one_or_all(sorted({r.get("K", K_DEFAULT) for r in runs}))
+        if args.merge
+        else args.num_components,
         "lr": LR_DEFAULT,
         "command": command,
     }
