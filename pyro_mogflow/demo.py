@@ -22,20 +22,11 @@ The demo fits it with Pyro's :class:`~pyro.infer.autoguide.AutoNormal` and with
 prints them as a table and saves a plot of both posteriors (``posteriors.png``) and the numbers
 (``results.json``) in the output folder.
 
-Choices, measured on this model (2-CPU machine, 500-1000 steps, seeds 0-5):
-
-* ``num_components=8``: with ``K = 4`` all components started on one sign in most seeds.
-* ``flow="affine_autoregressive"`` rather than the guide's default spline flow: a randomly
-  initialised spline flow is far from the identity and in most seeds carried every component to
-  the same sign within the first hundred steps (both modes found in 1-4 of 6 runs, whatever the
-  learning rate); with the affine autoregressive flow, 12 of 12 runs found both.
-* ``init_loc_fn=init_to_feasible`` for both guides: it starts at :math:`\theta = 0`, the centre
-  of the symmetry, so the mixture's components start spread over both signs. Pyro's
-  ``init_to_median`` starts at the median of a few prior draws, often a whole unit off centre, and
-  then every component can start on one side.
-
-Every other setting of :class:`~pyro_mogflow.AutoMixtureFlow` is its default (the estimator
-included).
+AutoMixtureFlow is built with every default and trained by :func:`pyro_mogflow.fit` (prior
+initialisation of the components, tempering, :class:`~pyro_mogflow.StratifiedELBO`,
+natural-gradient weight steps), exactly what a user gets from ``fit(model, *data)``. AutoNormal is
+trained as Pyro users train it (Adam, ``Trace_ELBO``), starting at :math:`\theta = 0`
+(``init_to_feasible``), the centre of the symmetry.
 """
 
 from __future__ import annotations
@@ -58,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int
 from .autoguide import AutoMixtureFlow
+from .fit import fit as fit_mixture
 from .models import Target, sign_regression
 
 __all__ = [
@@ -65,8 +57,6 @@ __all__ = [
     "DEFAULT_SEED",
     "DEFAULT_OUT",
     "LEARNING_RATE",
-    "NUM_COMPONENTS",
-    "FLOW",
     "MODE_THRESHOLD",
     "NUM_EVAL_SAMPLES",
     "GuideReport",
@@ -88,10 +78,6 @@ DEFAULT_SEED = 0
 DEFAULT_OUT = "mogflow-demo"
 #: Adam learning rate, the same for both guides.
 LEARNING_RATE = 0.02
-#: Mixture components of the AutoMixtureFlow guide.
-NUM_COMPONENTS = 8
-#: Flow of the AutoMixtureFlow guide (see the module docstring for why not the default).
-FLOW = "affine_autoregressive"
 #: A mode is *found* when the guide puts at least this fraction of its samples near it.
 MODE_THRESHOLD = 0.1
 #: Guide draws used for the ELBO, the mode masses and the plot.
@@ -188,12 +174,7 @@ def make_guides(target: Target) -> dict:
     """
     return {
         "AutoNormal": AutoNormal(target.model, init_loc_fn=init_to_feasible),
-        "AutoMixtureFlow": AutoMixtureFlow(
-            target.model,
-            num_components=NUM_COMPONENTS,
-            flow=FLOW,
-            init_loc_fn=init_to_feasible,
-        ),
+        "AutoMixtureFlow": AutoMixtureFlow(target.model),
     }
 
 
@@ -205,12 +186,26 @@ def fit(
     desc: str = "",
     progress: bool = True,
 ) -> tuple[float, list]:
-    """Fit ``guide`` to ``target`` by SVI (Adam, ``Trace_ELBO``), with a tqdm progress bar.
+    """Fit ``guide`` to ``target``, with a tqdm progress bar: an AutoMixtureFlow by
+    :func:`pyro_mogflow.fit` with its defaults, any other guide by SVI (Adam, ``Trace_ELBO``).
 
     :return: ``(seconds, losses)``; ``losses`` has one SVI loss per step.
     :raises RuntimeError: if the loss becomes NaN or infinite (the step is named).
     """
     steps = _check_steps(steps)
+    if isinstance(guide, AutoMixtureFlow):
+        start = time.perf_counter()
+        _, losses = fit_mixture(
+            target.model,
+            *target.args,
+            guide=guide,
+            num_steps=steps,
+            lr=lr,
+            progress=progress,
+            desc=desc or "fit",
+            model_kwargs=target.kwargs,
+        )
+        return time.perf_counter() - start, list(losses)
     svi = SVI(
         target.model,
         guide,

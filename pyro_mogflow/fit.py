@@ -268,6 +268,7 @@ def fit(
     balance_particles: int = 256,
     freeze_flow: bool = True,
     progress: bool = True,
+    desc: str = "fit",
     model_kwargs: Mapping | None = None,
 ) -> FitResult:
     r"""Fit a guide to ``model`` by SVI with the package's mode-discovery defaults.
@@ -313,6 +314,7 @@ def fit(
         :math:`\beta < 1`, so the components find the modes before the flow bends their shapes
         (default True).
     :param bool progress: show a tqdm progress bar (default True).
+    :param str desc: the progress bar's label (default ``"fit"``).
     :param dict model_kwargs: the model's keyword arguments.
     :return: a :class:`FitResult` ``(guide, losses)``.
     :raises RuntimeError: if the loss becomes NaN or infinite (the step is named).
@@ -380,7 +382,7 @@ def fit(
     betas = np.ones(num_steps)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(num_steps), desc="fit", disable=not progress, file=sys.stderr, mininterval=0.5)
+    bar = tqdm(range(num_steps), desc=desc, disable=not progress, file=sys.stderr, mininterval=0.5)
     for step in bar:
         if isinstance(target, TemperedModel):
             betas[step] = target.beta
