@@ -2,7 +2,8 @@ r"""The multimodal benchmark: does a guide find every mode, with the right masse
 
 Run ``python -m benchmarks.multimodal --suite quick`` (a few minutes on 2 cores) or
 ``--suite full --jobs N`` (every target, every guide, 5 seeds; parallel over ``N`` processes,
-one thread each). It writes into ``--out`` (default ``benchmarks/results/``):
+one thread each). It writes into ``--out`` (default ``benchmarks/results/``, and
+``benchmarks/results/quick/`` for the quick suite):
 
 * ``multimodal.md``: per target, a table of every guide (mean over seeds, and the number of
   seeds in which all modes were covered with mode-mass TV <= 0.05), the timing table and the
@@ -519,7 +520,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     parser.add_argument("--timing-only", action="store_true", help="only the timing table")
     parser.add_argument("--machine", default=None, help="describe the machine in the report")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default benchmarks/results, benchmarks/results/quick for --suite "
+        "quick)",
+    )
     parser.add_argument(
         "--merge",
         nargs="+",
@@ -534,6 +540,9 @@ def main(argv=None) -> dict:
     steps = args.steps or suite.steps
     if seeds < 1 or steps < 1 or args.jobs < 1 or args.num_components < 1:
         parser.error("--seeds, --steps, --jobs and --num-components must be >= 1")
+    if args.out is None:
+        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        args.out = results if args.suite == "full" else os.path.join(results, args.suite)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     command = "python -m benchmarks.multimodal " + " ".join(sys.argv[1:] if argv is None else argv)

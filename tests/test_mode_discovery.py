@@ -98,22 +98,3 @@ def test_defaults_find_four_modes_with_their_masses(seed):
     # every mode within the benchmark's goal (TV <= 0.05) plus 3 Monte Carlo SE
     se = (ref * (1 - ref) / n).sqrt()
     assert bool(((masses - ref).abs() < 0.05 + 3 * se).all()), masses
-
-
-def test_tutorial_04_runs_in_fast_mode():
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYRO_MOGFLOW_FAST="1", MPLBACKEND="Agg")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(root, "tutorials", "04_finding_modes.py")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fit(): modes found" in proc.stdout and "mass near theta" in proc.stdout
