@@ -131,13 +131,15 @@ class AutoMixtureFlow(AutoContinuous):
     ``implicit`` does, unbiased but not stratified, and warns once); every other estimator works
     with any Pyro ELBO.
 
-    Usage::
+    Usage (:func:`pyro_mogflow.fit` adds the tempering and weight updates that find modes)::
 
-        guide = AutoMixtureFlow(model, num_components=4, flow="spline_autoregressive")
-        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        guide, losses = pyro_mogflow.fit(model, data)   # AutoMixtureFlow(model), defaults
+        print(guide.components(data))   # the modes the guide found, with their weights
+
+        guide = AutoMixtureFlow(model, num_components=8, flow="spline_autoregressive")
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), StratifiedELBO())
         for step in range(2000):
             svi.step(data)
-        print(guide.components(data))   # the modes the guide found, with their weights
 
     :param callable model: a Pyro model with continuous latent sites.
     :param int num_components: ``K``, the number of mixture components (default 64: the
