@@ -273,7 +273,11 @@ def _counting(model):
         ({"num_components": 2.0}, TypeError, "num_components must be an int >= 1, got float"),
         ({"temperature": 0.0}, ValueError, "temperature must be a finite float > 0, got 0.0"),
         ({"temperature": -0.5}, ValueError, "temperature must be a finite float > 0, got -0.5"),
-        ({"temperature": float("nan")}, ValueError, "temperature must be a finite float > 0, got nan"),
+        (
+            {"temperature": float("nan")},
+            ValueError,
+            "temperature must be a finite float > 0, got nan",
+        ),
         ({"temperature": "hot"}, TypeError, "temperature must be a finite float > 0, got str"),
         ({"flow": "glow"}, ValueError, "unknown flow 'glow'; registered flows are"),
         ({"flow": 3}, TypeError, "flow must be a registered name"),

@@ -1,4 +1,4 @@
-"""README.md's Python examples are executed here, so the documentation cannot drift from the code."""
+"""README.md's Python examples run here, so the documentation cannot drift from the code."""
 
 import re
 from pathlib import Path
