@@ -211,16 +211,7 @@ class Target:
             trace = poutine.trace(poutine.condition(self.model, data=aligned)).get_trace(
                 *self.args, **self.kwargs
             )
-        missing = [
-            name
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and not site_is_subsample(site)
-            and name not in values
-        ]
-        if missing:
-            raise ValueError(f"values must give every latent site; missing {missing}")
+        _check_all_latents_given(trace, values)
         trace.compute_log_prob()
         first = next(iter(values.values()))
         total = torch.zeros(batch, dtype=first.dtype, device=first.device)
@@ -244,17 +235,21 @@ class Target:
         trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
             *self.args, **self.kwargs
         )
-        missing = [
-            name
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and not site_is_subsample(site)
-            and name not in values
-        ]
-        if missing:
-            raise ValueError(f"values must give every latent site; missing {missing}")
+        _check_all_latents_given(trace, values)
         return trace.log_prob_sum()
+
+
+def _check_all_latents_given(trace, values: dict) -> None:
+    missing = [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and name not in values
+    ]
+    if missing:
+        raise ValueError(f"values must give every latent site; missing {missing}")
 
 
 # ------------------------------------------------------------------------ sign regression
