@@ -25,6 +25,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from ._checks import check_int, check_real
+from ._names import first_free_prefix, in_param_store
 from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
 
@@ -429,7 +430,7 @@ class AutoMixtureFlow(AutoContinuous):
         holder = _LIVE_NAMES.get(prefix)
         if holder is not None and holder is not self:
             return True
-        return any(n == prefix or n.startswith(prefix + ".") for n in pyro.get_param_store())
+        return in_param_store(prefix)
 
     def _claim_name(self, rename: bool = False):
         """Take a param-store prefix no other guide uses; ``rename``: derive one, never raise."""
@@ -443,11 +444,7 @@ class AutoMixtureFlow(AutoContinuous):
                 )
             prefix = base
         else:
-            base = base or type(self).__name__
-            prefix, i = base, 0
-            while self._name_taken(prefix):
-                i += 1
-                prefix = f"{base}_{i}"
+            prefix = first_free_prefix(base or type(self).__name__, self._name_taken)
         self._pyro_name = prefix
         _LIVE_NAMES[prefix] = self
 

@@ -22,6 +22,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
 
 from ._checks import check_int
+from ._names import first_free_prefix
 
 __all__ = ["IndependentFits", "fit_independent"]
 
@@ -106,16 +107,7 @@ def _claim_free_name(guide: PyroModule) -> None:
 
     if isinstance(guide, AutoMixtureFlow):
         return
-    names = set(pyro.get_param_store().keys())
-    base = guide._pyro_name or type(guide).__name__
-
-    def taken(prefix):
-        return any(n == prefix or n.startswith(prefix + ".") for n in names)
-
-    prefix, i = base, 0
-    while taken(prefix):
-        i += 1
-        prefix = f"{base}_{i}"
+    prefix = first_free_prefix(guide._pyro_name or type(guide).__name__)
     if prefix != guide._pyro_name:
         # Pyro's own hook for naming a module tree: renames the guide and its sub-modules.
         guide._pyro_set_supermodule(prefix, guide._pyro_context)
