@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from ._checks import check_int, check_real
+from ._validation import check_int, check_real
 from .autoguide import ESTIMATORS
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import DEFAULT_SPLINE_BOUND, BufferPermute

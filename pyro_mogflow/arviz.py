@@ -40,7 +40,7 @@ from pyro.poutine.util import site_is_factor, site_is_subsample
 from scipy.special import logsumexp
 from torch.distributions import biject_to
 
-from ._checks import check_bool, check_int
+from ._validation import check_bool, check_int
 from ._version import __version__
 from .autoguide import AutoMixtureFlow
 from .diagnostics import _group, good_k_threshold, psis

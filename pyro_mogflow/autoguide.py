@@ -24,8 +24,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from ._checks import check_int, check_real
-from ._names import first_free_prefix, in_param_store
+from ._param_store import first_free_prefix, in_param_store
+from ._validation import check_int, check_real
 from .distributions import RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
 

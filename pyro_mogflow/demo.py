@@ -47,7 +47,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_feasible
 from pyro.infer.importance import vectorized_importance_weights
 from tqdm.auto import tqdm
 
-from ._checks import check_int
+from ._validation import check_int
 from .autoguide import AutoMixtureFlow
 from .fit import fit as fit_mixture
 from .models import Target, sign_regression

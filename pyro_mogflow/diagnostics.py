@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from ._checks import check_real
+from ._validation import check_real
 
 __all__ = [
     "MISSED_MODES_WARNING",

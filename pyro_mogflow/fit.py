@@ -72,7 +72,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 
-from ._checks import check_int, check_real
+from ._validation import check_int, check_real
 from .autoguide import AutoMixtureFlow
 from .distributions.density import component_log_prob
 from .infer.anneal import Schedule, TemperedModel, exponential_schedule

@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ._checks import check_int
+from ._validation import check_int
 from .distributions import mixture_log_prob
 
 __all__ = [

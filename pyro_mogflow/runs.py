@@ -21,8 +21,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
 
-from ._checks import check_int
-from ._names import first_free_prefix
+from ._param_store import first_free_prefix
+from ._validation import check_int
 
 __all__ = ["IndependentFits", "fit_independent"]
 

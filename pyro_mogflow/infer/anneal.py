@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from pyro.poutine.messenger import Messenger
 
-from .._checks import check_int, check_real
+from .._validation import check_int, check_real
 
 __all__ = [
     "Schedule",
