@@ -4,19 +4,26 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 """
 
 from ._version import __version__
-from .amortized import AmortizedMixtureFlow
 from .arviz import to_inference_data, vi_loo
-from .autoguide import ESTIMATORS, AutoMixtureFlow
 from .diagnostics import vi_diagnostics
-from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
-from .fit import FitResult, balance_weights, fit
+from .distributions import (
+    ESTIMATORS,
+    DiagNormalMixture,
+    MixtureFlow,
+    RelaxedMixtureOfDiagNormals,
+    mixture_log_prob,
+)
 from .flows import FLOWS, build_flow, register_flow
+from .guides import AmortizedMixtureFlow, AutoMixtureFlow
 from .infer import (
+    FitResult,
     Schedule,
     StratifiedELBO,
     TemperedModel,
+    balance_weights,
     cosine_schedule,
     exponential_schedule,
+    fit,
     linear_schedule,
     tempered,
 )
@@ -31,6 +38,7 @@ __all__ = [
     "FLOWS",
     "FitResult",
     "IndependentFits",
+    "MixtureFlow",
     "RelaxedMixtureOfDiagNormals",
     "Schedule",
     "StratifiedELBO",

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ._validation import check_int
 from .autoguide import AutoMixtureFlow
-from .fit import fit as fit_mixture
+from .infer import fit as fit_mixture
 from .models import Target, sign_regression
 
 __all__ = [

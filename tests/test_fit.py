@@ -1,7 +1,6 @@
 """Tests for pyro_mogflow.fit: the one-call trainer with the mode-discovery defaults."""
 
 import math
-import sys
 
 import pyro
 import pyro.distributions as dist
@@ -11,10 +10,9 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_mogflow import AutoMixtureFlow, FitResult, balance_weights, fit
 from pyro_mogflow.distributions import mixture_log_prob
-from pyro_mogflow.fit import default_beta_schedule
+from pyro_mogflow.infer import default_beta_schedule, mixture_weights, recipe  # noqa: E402
 from pyro_mogflow.models import gaussian_mixture_target
 
-fit_module = sys.modules["pyro_mogflow.fit"]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -154,7 +152,7 @@ def test_flow_gets_a_tenth_of_the_learning_rate():
     guide = small_guide(target, flow="affine_autoregressive", hidden_dims=[4]).setup(
         *target.args, **target.kwargs
     )
-    rates = fit_module._learning_rates(guide, 0.02, 0.002)
+    rates = recipe._learning_rates(guide, 0.02, 0.002)
     assert rates(f"{guide.name}.flow.0.arn.layers.0.weight") == {"lr": 0.002}
     assert rates(f"{guide.name}.locs") == {"lr": 0.02}
 
@@ -166,15 +164,15 @@ def test_natural_weight_step_of_one_jumps_to_the_optimum_of_separated_components
     log_pi = torch.log(torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
     z = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     logits = log_pi.clone()
-    fit_module._natural_weight_step(logits, z.log() - log_pi, 1.0)
+    mixture_weights._natural_weight_step(logits, z.log() - log_pi, 1.0)
     assert torch.allclose(logits.exp(), z, atol=1e-12)
 
 
 def test_natural_weight_step_keeps_a_floor_under_every_weight():
     logits = torch.zeros(3, dtype=torch.float64)
-    fit_module._natural_weight_step(logits, torch.tensor([0.0, -1e4, -math.inf]), 1.0)
+    mixture_weights._natural_weight_step(logits, torch.tensor([0.0, -1e4, -math.inf]), 1.0)
     assert torch.allclose(logits.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
-    assert float(logits.exp().min()) >= 0.99 * fit_module.MIN_WEIGHT
+    assert float(logits.exp().min()) >= 0.99 * mixture_weights.MIN_WEIGHT
 
 
 def exact_guide(target, logits, dtype):

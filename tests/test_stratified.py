@@ -404,11 +404,12 @@ def test_too_small_max_plate_nesting_raises():
         StratifiedELBO(max_plate_nesting=0).loss(rich_model, guide, torch.tensor(RICH_DATA))
 
 
-def test_stratified_context_requires_stratified_estimator():
+def test_stratified_draw_requires_stratified_estimator():
     guide = AutoMixtureFlow(conjugate_model, num_components=2, flow=None, estimator="implicit")
+    guide.setup(torch.tensor(CONJ_Y))
+    posterior = guide.get_posterior().expand((4,))
     with pytest.raises(ValueError, match="estimator='implicit'"):
-        with guide.stratified(2):
-            pass
+        posterior.stratified_rsample(2, particle_dim=-1)
 
 
 # ---------------------------------------------------------------------------------- CUDA

@@ -22,14 +22,13 @@ from typing import NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
-from ..autoguide import AutoMixtureFlow
+from ..distributions.mixture_flow import StratifiedSample
 
 __all__ = ["StratifiedELBO", "StratifiedParticles"]
 
@@ -50,8 +49,17 @@ class StratifiedParticles(NamedTuple):
     latent: torch.Tensor
 
 
+class _Terms(NamedTuple):
+    """One evaluation: per-draw local terms, global terms and the stratified draw."""
+
+    local: torch.Tensor  # (K, n, *rest): terms of sites in every plate of the stratified site
+    global_: torch.Tensor  # (K * n,): terms of sites outside those plates
+    global_varies: bool
+    sample: StratifiedSample
+
+
 class StratifiedELBO(ELBO):
-    r"""The ELBO of an :class:`~pyro_mogflow.AutoMixtureFlow` with the sum over components exact.
+    r"""The ELBO of a mixture-flow guide with the sum over components exact.
 
     With :math:`n` = ``num_particles`` Gaussian draws per component,
 
@@ -87,10 +95,13 @@ class StratifiedELBO(ELBO):
         guide = AutoMixtureFlow(model, num_components=8, estimator="stratified")
         svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), StratifiedELBO())
 
-    The guide must be an :class:`~pyro_mogflow.AutoMixtureFlow` built with
-    ``estimator="stratified"`` and passed as it is (not inside an ``AutoGuideList`` nor wrapped
-    in a handler). Outside this ELBO such a guide samples the exact mixture (e.g. in
-    ``Predictive``); under another ELBO it is the unbiased ``"implicit"`` estimator and warns.
+    What is stratified: the one guide site whose distribution offers
+    :meth:`~pyro_mogflow.distributions.MixtureFlow.stratified_rsample` with
+    ``estimator="stratified"`` -- the packed latent of an :class:`~pyro_mogflow.AutoMixtureFlow`
+    (alone or inside an ``AutoGuideList``), or a site a guide of your own samples from an
+    :class:`~pyro_mogflow.AmortizedMixtureFlow`. The ELBO never looks at the guide's class.
+    Outside this ELBO such a distribution samples the exact mixture (e.g. in ``Predictive``);
+    under another ELBO it is the unbiased ``"implicit"`` estimator and warns.
 
     Local latents: the guide may instead be a function that samples one site from an
     :class:`~pyro_mogflow.AmortizedMixtureFlow` built with ``estimator="stratified"``, inside
@@ -102,13 +113,11 @@ class StratifiedELBO(ELBO):
             \log \frac{p(x_b, z_{bkt})}{q(z_{bkt} \mid x_b)} + \widehat{G},
 
     where :math:`\widehat{G}` averages the terms of sites outside the data plate (global
-    latents sampled by other guide sites) over the :math:`K n` draws. Any distribution with a
-    ``num_components`` attribute and a ``stratified_rsample(num_particles, particle_dim)``
-    method is stratified this way (see
-    :meth:`~pyro_mogflow.amortized.MixtureFlowPosterior.stratified_rsample`). With
+    latents sampled by other guide sites) over the :math:`K n` draws; for an
+    ``AutoMixtureFlow`` the site lies in no plate, so every term is stratified. With
     ``importance_weighted=True`` the bound is SIWAE per data point, which needs every latent
-    outside the data plate to be fixed across draws. :meth:`particles` serves
-    ``AutoMixtureFlow`` guides only.
+    outside the data plate to be fixed across draws. :meth:`particles` serves mixture flows
+    outside every plate (``AutoMixtureFlow``) only.
 
     :param int num_particles: ``n``, Gaussian draws per component (default 1), so each step
         runs the model on ``K * n`` points.
@@ -160,79 +169,76 @@ class StratifiedELBO(ELBO):
             retain_graph=retain_graph,
         )
         self.importance_weighted = importance_weighted
-        self._nesting_checked = False
+        self._probed: dict = {}
+        #: The :class:`~pyro_mogflow.distributions.StratifiedSample` of the last evaluation.
+        self.last_sample: StratifiedSample | None = None
 
-    # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check_guide(guide) -> None:
-        if isinstance(guide, AutoGuideList):
-            raise TypeError(
-                "StratifiedELBO cannot stratify an AutoGuideList: the sum over components is "
-                "exact only when one AutoMixtureFlow guides every latent site. Guide the whole "
-                "model with AutoMixtureFlow(model, estimator='stratified') (it handles "
-                "constrained sites and plates of fixed size), or keep the AutoGuideList, give "
-                "its AutoMixtureFlow estimator='implicit' and train with pyro.infer.Trace_ELBO "
-                "(unbiased, not stratified)."
-            )
-        if not isinstance(guide, AutoMixtureFlow):
-            raise TypeError(
-                "StratifiedELBO needs the AutoMixtureFlow guide itself, built with "
-                f"estimator='stratified'; got {type(guide).__name__}. For other guides (or a "
-                "guide wrapped in a handler) use pyro.infer.Trace_ELBO."
-            )
-        if guide.estimator != "stratified":
-            raise ValueError(
-                "StratifiedELBO needs AutoMixtureFlow(..., estimator='stratified'), got a guide "
-                f"with estimator={guide.estimator!r}. Rebuild the guide with "
-                "estimator='stratified', or train this one with pyro.infer.Trace_ELBO."
-            )
+    # ------------------------------------------------------------------ probing
+    def _probe(self, model, guide, args, kwargs) -> tuple[str, int]:
+        """Find the stratified site and the model's plate nesting from one run of guide and model.
 
-    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        """Set :attr:`max_plate_nesting` from one run of the model at the guide's prototype."""
-        self.max_plate_nesting = self._model_plate_nesting(model, guide, args, kwargs)
-
-    @staticmethod
-    def _model_plate_nesting(model, guide, args, kwargs) -> int:
-        """How many plates the model nests, from one run at the guide's prototype values."""
-        with poutine.block():
-            trace = poutine.trace(poutine.replay(model, trace=guide.prototype_trace)).get_trace(
+        Runs once per (model, guide) pair, outside every particle plate, without gradients and
+        without moving torch's random stream; a guide with a ``setup`` method is set up first.
+        :return: ``(site name, K)``.
+        """
+        key = (id(model), id(guide))
+        if key in self._probed:
+            return self._probed[key]
+        setup = getattr(guide, "setup", None)
+        if callable(setup):
+            setup(*args, **kwargs)  # outside the particle plate (and outside fork_rng below)
+        with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
+        name, k = _stratified_site(guide, guide_trace)
         dims = [
             frame.dim
-            for site in trace.nodes.values()
+            for trace in (model_trace, guide_trace)
+            for site in prune_subsample_sites(trace).nodes.values()
             if site["type"] == "sample"
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         ]
-        return -min(dims) if dims else 0
+        needed = -min(dims) if dims else 0
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = needed
+        elif self.max_plate_nesting < needed:
+            raise ValueError(
+                f"max_plate_nesting={self.max_plate_nesting}, but the model nests {needed} "
+                "plate(s) (found by running it at the guide's initial values). Pass "
+                f"max_plate_nesting >= {needed}, or leave it out to have it inferred."
+            )
+        self._probed[key] = (name, k)
+        return name, k
+
+    @staticmethod
+    def stratifies(model, guide, *args, **kwargs) -> bool:
+        """Whether ``guide`` samples a site that this ELBO can stratify (one run, no gradients).
+
+        :return: True when exactly one guide site's distribution offers
+            ``stratified_rsample`` with ``estimator="stratified"``.
+        """
+        try:
+            StratifiedELBO()._probe(model, guide, args, kwargs)
+        except (TypeError, ValueError):
+            return False
+        return True
 
     # ------------------------------------------------------------------ traces
-    def _get_trace(self, model, guide, args, kwargs):
-        """One vectorized run of the guide (stratified) and the model replayed against it.
-
-        :return: ``(model_trace, guide_trace, draw)``, log-probs computed; ``draw`` is the
-            guide's :class:`~pyro_mogflow.autoguide.StratifiedDraw`.
-        """
-        self._check_guide(guide)
-        guide.setup(*args, **kwargs)  # outside the particle plate; a no-op once set up
-        if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-        elif not self._nesting_checked:
-            needed = self._model_plate_nesting(model, guide, args, kwargs)
-            if self.max_plate_nesting < needed:
-                raise ValueError(
-                    f"max_plate_nesting={self.max_plate_nesting}, but the model nests {needed} "
-                    "plate(s) (found by running it at the guide's initial values). Pass "
-                    f"max_plate_nesting >= {needed}, or leave it out to have it inferred."
-                )
-            self._nesting_checked = True
+    def _terms(self, model, guide, args, kwargs) -> _Terms:
+        """One vectorized run of the guide (stratified) and of the model replayed against it."""
+        name, k = self._probe(model, guide, args, kwargs)
+        n = self.num_particles
         nesting = self.max_plate_nesting + 1
-        size = guide.num_components * self.num_particles
-        with guide.stratified(self.num_particles, particle_dim=-nesting) as draw:
-            particles = pyro.plate(_PARTICLE_PLATE, size, dim=-nesting)
+        stratify = _Stratify(name, n, -nesting)
+        with stratify:
+            particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
             guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-        particles = pyro.plate(_PARTICLE_PLATE, size, dim=-nesting)
+        if stratify.sample is None:
+            raise ValueError(f"the guide did not sample its stratified site {name!r} this step")
+        particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
             *args, **kwargs
         )
@@ -242,43 +248,95 @@ class StratifiedELBO(ELBO):
         model_trace = prune_subsample_sites(model_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, nesting)
-        return model_trace, guide_trace, draw
+        sample = stratify.sample
+        self.last_sample = sample
+        local = {f.name: f.dim for f in stratify.frames if f.vectorized}
+        rest = sample.log_weights.shape[1:]
+        local_sum = sample.log_q.new_zeros((k * n,) + rest)
+        global_sum = sample.log_q.new_zeros((k * n,))
+        global_varies = False
+        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+            for site_name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if is_validation_enabled():
+                    check_site_shape(site, nesting)
+                lp = torch.as_tensor(
+                    site["log_prob"], dtype=local_sum.dtype, device=local_sum.device
+                )
+                if lp.dim() > nesting:
+                    raise ValueError(
+                        f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with dimensions "
+                        f"left of the particle plate at dim {-nesting}. Declare every batch "
+                        "dimension of the model with pyro.plate (or move it into the event with "
+                        ".to_event()), or raise max_plate_nesting."
+                    )
+                lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
+                names = {
+                    f.name
+                    for f in site["cond_indep_stack"]
+                    if f.vectorized and f.name != _PARTICLE_PLATE
+                }
+                if set(local) <= names:
+                    keep = {0} | {nesting + d for d in local.values()}
+                    drop = [i for i in range(nesting) if i not in keep]
+                    local_sum = local_sum + sign * (lp.sum(drop, keepdim=True) if drop else lp)
+                elif not set(local) & names:
+                    global_varies = global_varies or lp.shape[0] > 1
+                    global_sum = global_sum + sign * lp.reshape(lp.shape[0], -1).sum(-1)
+                else:
+                    raise ValueError(
+                        f"site {site_name!r} lies in some but not all of the plates "
+                        f"{sorted(local)} of the stratified site; its terms cannot be assigned "
+                        "to data points"
+                    )
+        return _Terms(local_sum.reshape((k, n) + rest), global_sum, global_varies, sample)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """Not used: every draw is taken in the one vectorized run of :meth:`_terms`."""
+        raise NotImplementedError("StratifiedELBO evaluates its draws in one vectorized run")
 
     def particles(self, model, guide, *args, **kwargs) -> StratifiedParticles:
         """Run the guide and the model once and return the per-draw log importance ratios.
 
         The ELBO estimate is ``(log_weights.exp() * log_ratio.mean(-1)).sum()``; the tensors
-        stay attached to the autograd graph.
+        stay attached to the autograd graph. For a mixture flow outside every plate (an
+        :class:`~pyro_mogflow.AutoMixtureFlow`).
 
         :param model: the Pyro model.
-        :param guide: an :class:`~pyro_mogflow.AutoMixtureFlow` with ``estimator="stratified"``.
+        :param guide: a guide with one stratified mixture-flow site outside every plate.
         :return: a :class:`StratifiedParticles` with shapes ``(K, n)``, ``(K,)``, ``(K, n, D)``.
         """
-        model_trace, guide_trace, draw = self._get_trace(model, guide, args, kwargs)
-        k, n = guide.num_components, self.num_particles
-        dim = -(self.max_plate_nesting + 1)
-        log_ratio = 0.0
-        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
-            for name, site in trace.nodes.items():
-                if site["type"] == "sample":
-                    log_ratio = log_ratio + sign * _per_particle(
-                        site["log_prob"], dim, k * n, name, draw.log_weights
-                    )
-        return StratifiedParticles(log_ratio.reshape(k, n), draw.log_weights, draw.latent)
+        terms = self._terms(model, guide, args, kwargs)
+        k, n = terms.local.shape[:2]
+        if terms.local[0, 0].numel() != 1:
+            raise ValueError(
+                "StratifiedELBO.particles() serves a mixture flow outside every plate (e.g. "
+                "AutoMixtureFlow); this guide's stratified site lies in plates of shape "
+                f"{tuple(terms.local.shape[2:])}"
+            )
+        log_ratio = terms.local.reshape(k, n) + terms.global_.reshape(k, n)
+        d = terms.sample.value.shape[-1]
+        return StratifiedParticles(
+            log_ratio, terms.sample.log_weights.reshape(k), terms.sample.value.reshape(k, n, d)
+        )
 
     def _objective(self, model, guide, args, kwargs) -> torch.Tensor:
-        if _is_local_guide(guide):  # a user's guide with an amortized site (see below)
-            return _local_objective(self, model, guide, args, kwargs)
-        log_ratio, log_weights, _ = self.particles(model, guide, *args, **kwargs)
+        terms = self._terms(model, guide, args, kwargs)
+        log_weights = terms.sample.log_weights
         if self.importance_weighted:
-            joint = log_weights.unsqueeze(-1) + log_ratio
-            return torch.logsumexp(joint.reshape(-1), dim=0) - math.log(log_ratio.shape[-1])
-        return (log_weights.exp() * log_ratio.mean(-1)).sum()
+            if terms.global_varies:
+                raise ValueError(
+                    "importance_weighted=True with an amortized site needs every latent outside "
+                    "its plates to be fixed across draws; use the ELBO (importance_weighted=False)"
+                )
+            k, n = terms.local.shape[:2]
+            joint = (log_weights.unsqueeze(1) + terms.local).reshape(
+                (k * n,) + log_weights.shape[1:]
+            )
+            bound = torch.logsumexp(joint, dim=0) - math.log(n)
+            return bound.sum() + terms.global_.mean()
+        return (log_weights.exp() * terms.local.mean(1)).sum() + terms.global_.mean()
 
     # ------------------------------------------------------------- Pyro ELBO API
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -313,184 +371,65 @@ class StratifiedELBO(ELBO):
         return value
 
 
-def _per_particle(
-    log_prob, particle_dim: int, size: int, name: str, like: torch.Tensor
-) -> torch.Tensor:
-    """Sum a site's log-density over all dimensions but the particle plate; shape ``(size,)``."""
-    if not isinstance(log_prob, torch.Tensor):
-        log_prob = torch.as_tensor(log_prob, dtype=like.dtype, device=like.device)
-    nesting = -particle_dim
-    if log_prob.dim() < nesting:  # the site does not vary across draws
-        return log_prob.sum().expand(size)
-    if log_prob.dim() > nesting:
-        raise ValueError(
-            f"site {name!r} has log_prob shape {tuple(log_prob.shape)}, with dimensions left of "
-            f"the particle plate at dim {particle_dim}. Declare every batch dimension of the model "
-            "with pyro.plate (or move it into the event with .to_event()), or raise "
-            "max_plate_nesting."
+def _stratified_site(guide, trace) -> tuple[str, int]:
+    """The one guide site that can be stratified: ``(name, K)``; raises if none or several."""
+    hooks = [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and callable(getattr(site["fn"], "stratified_rsample", None))
+    ]
+    if not hooks:
+        raise TypeError(
+            "StratifiedELBO needs a guide that samples a mixture flow with "
+            "estimator='stratified': AutoMixtureFlow(model), or a guide of your own that samples "
+            "a site from AmortizedMixtureFlow(..., estimator='stratified'); got "
+            f"{type(guide).__name__} with no such site. For other guides use "
+            "pyro.infer.Trace_ELBO."
         )
-    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(size)
+    sites = [s for s in hooks if getattr(s["fn"], "estimator", "stratified") == "stratified"]
+    if not sites:
+        estimator = getattr(hooks[0]["fn"], "estimator", None)
+        raise ValueError(
+            "StratifiedELBO needs a mixture flow built with estimator='stratified', got "
+            f"estimator={estimator!r} at site {hooks[0]['name']!r}. Rebuild the guide "
+            "(AutoMixtureFlow or AmortizedMixtureFlow) with estimator='stratified', or train "
+            "this one with pyro.infer.Trace_ELBO."
+        )
+    if len(sites) > 1:
+        raise ValueError(
+            "StratifiedELBO stratifies one amortized site per guide, found "
+            f"{[site['name'] for site in sites]}. Give the other ones estimator='implicit', or "
+            "train with pyro.infer.Trace_ELBO."
+        )
+    return sites[0]["name"], int(sites[0]["fn"].num_components)
 
 
-# ---------------------------------------------------------- local latents (amortized guides)
-# A user's guide that samples a local latent from a distribution with ``num_components`` and a
-# ``stratified_rsample(num_particles, particle_dim) -> (value, log_q, log_weights)`` method (e.g.
-# pyro_mogflow.AmortizedMixtureFlow(..., estimator="stratified")) is stratified per data point:
-#
-#     L = sum_b sum_k pi_bk (1/n) sum_t [log p(x_b, z_bkt) - log q(z_bkt | x_b)] + E[global terms]
-#
-# where b runs over the elements of the site's plates. Terms of sites outside those plates
-# (global latents) are averaged over all K * n draws.
-
-
-def _is_local_guide(guide) -> bool:
-    """A user's guide (not an autoguide): its stratifiable site is found by running it."""
-    return not isinstance(guide, (AutoMixtureFlow, AutoGuide))
-
-
-class _StratifyLocalSite(Messenger):
-    """Replace the draw at the one guide site whose distribution offers ``stratified_rsample``.
+class _Stratify(Messenger):
+    """Replace the draw at guide site ``name`` by a stratified draw from its mixture flow.
 
     Entered outside the particle plate, it sees the site's distribution after every plate has
     expanded it; the site becomes a ``Delta`` at the ``K * n`` draws carrying their exact log q.
     """
 
-    def __init__(self, num_particles: int, particle_dim: int):
+    def __init__(self, name: str, num_particles: int, particle_dim: int):
         super().__init__()
+        self.name = name
         self.num_particles = num_particles
         self.particle_dim = particle_dim
-        self.site = None  # (name, log_weights (K, *rest), cond_indep_stack)
+        self.sample: StratifiedSample | None = None
+        self.frames: tuple = ()
 
     def _pyro_sample(self, msg) -> None:
-        hook = getattr(msg["fn"], "stratified_rsample", None)
-        if msg["is_observed"] or msg["done"] or not callable(hook):
+        if msg["name"] != self.name or msg["is_observed"] or msg["done"]:
             return
-        if self.site is not None:
-            raise ValueError(
-                f"StratifiedELBO stratifies one amortized site per guide, found {self.site[0]!r} "
-                f"and {msg['name']!r}. Give the other ones estimator='implicit', or train with "
-                "pyro.infer.Trace_ELBO."
-            )
-        value, log_q, log_weights = hook(self.num_particles, self.particle_dim)
+        sample = msg["fn"].stratified_rsample(self.num_particles, self.particle_dim)
         event_dim = len(msg["fn"].event_shape)
-        msg["fn"] = pyro.distributions.Delta(value, log_density=log_q, event_dim=event_dim)
-        msg["value"] = value
+        msg["fn"] = pyro.distributions.Delta(
+            sample.value, log_density=sample.log_q, event_dim=event_dim
+        )
+        msg["value"] = sample.value
         msg["done"] = True
-        self.site = (msg["name"], log_weights, msg["cond_indep_stack"])
-
-
-def _probe_local_guide(model, guide, args, kwargs) -> tuple[int, int]:
-    """One run of guide and model: ``(K, plates nested)``; raises if nothing can be stratified."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    sites = [
-        site
-        for site in guide_trace.nodes.values()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and callable(getattr(site["fn"], "stratified_rsample", None))
-    ]
-    if not sites:
-        raise TypeError(
-            "StratifiedELBO needs the AutoMixtureFlow guide itself (estimator='stratified'), or a "
-            "guide that samples a local latent from AmortizedMixtureFlow(..., "
-            f"estimator='stratified'); got {type(guide).__name__} with no such site. For other "
-            "guides use pyro.infer.Trace_ELBO."
-        )
-    if len(sites) > 1:
-        raise ValueError(
-            "StratifiedELBO stratifies one amortized site per guide, found "
-            f"{[site['name'] for site in sites]}"
-        )
-    dims = [
-        frame.dim
-        for trace in (model_trace, guide_trace)
-        for site in prune_subsample_sites(trace).nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return int(sites[0]["fn"].num_components), (-min(dims) if dims else 0)
-
-
-def _local_objective(elbo: StratifiedELBO, model, guide, args, kwargs) -> torch.Tensor:
-    """The stratified ELBO (or SIWAE) of a guide with one amortized mixture site."""
-    if getattr(elbo, "_local_components", None) is None:
-        k, needed = _probe_local_guide(model, guide, args, kwargs)
-        if elbo.max_plate_nesting == float("inf"):
-            elbo.max_plate_nesting = needed
-        elif elbo.max_plate_nesting < needed:
-            raise ValueError(
-                f"max_plate_nesting={elbo.max_plate_nesting}, but the model nests {needed} "
-                f"plate(s). Pass max_plate_nesting >= {needed}, or leave it out to infer it."
-            )
-        elbo._local_components = k
-    k, n = elbo._local_components, elbo.num_particles
-    nesting = elbo.max_plate_nesting + 1
-    stratify = _StratifyLocalSite(n, -nesting)
-    with stratify:
-        particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
-        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-    if stratify.site is None:
-        raise ValueError("the guide sampled no stratifiable site in this step")
-    particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
-    model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
-        *args, **kwargs
-    )
-    if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, nesting)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    _, log_weights, frames = stratify.site
-    local = {f.name: f.dim for f in frames if f.vectorized and f.name != _PARTICLE_PLATE}
-    rest = log_weights.shape[1:]
-    local_sum = log_weights.new_zeros((k * n,) + rest)
-    global_sum = log_weights.new_zeros((k * n,))
-    global_varies = False
-    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if is_validation_enabled():
-                check_site_shape(site, nesting)
-            lp = torch.as_tensor(site["log_prob"], dtype=local_sum.dtype, device=local_sum.device)
-            if lp.dim() > nesting:
-                raise ValueError(
-                    f"site {name!r} has log_prob shape {tuple(lp.shape)}, with dimensions left "
-                    f"of the particle plate at dim {-nesting}. Declare every batch dimension "
-                    "with pyro.plate (or move it into the event with .to_event())."
-                )
-            lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
-            names = {
-                f.name
-                for f in site["cond_indep_stack"]
-                if f.vectorized and f.name != _PARTICLE_PLATE
-            }
-            if set(local) <= names:
-                keep = {0} | {nesting + d for d in local.values()}
-                drop = [i for i in range(nesting) if i not in keep]
-                local_sum = local_sum + sign * (lp.sum(drop, keepdim=True) if drop else lp)
-            elif not set(local) & names:
-                global_varies = global_varies or lp.shape[0] > 1
-                global_sum = global_sum + sign * lp.reshape(lp.shape[0], -1).sum(-1)
-            else:
-                raise ValueError(
-                    f"site {name!r} lies in some but not all of the plates {sorted(local)} of "
-                    "the stratified site; its terms cannot be assigned to data points"
-                )
-    log_ratio = local_sum.reshape((k, n) + rest)
-    if elbo.importance_weighted:
-        if global_varies:
-            raise ValueError(
-                "importance_weighted=True with an amortized site needs every latent outside its "
-                "plates to be fixed across draws; use the ELBO (importance_weighted=False)"
-            )
-        joint = (log_weights.unsqueeze(1) + log_ratio).reshape((k * n,) + rest)
-        bound = torch.logsumexp(joint, dim=0) - math.log(n)
-        return bound.sum() + global_sum.mean()
-    return (log_weights.exp() * log_ratio.mean(1)).sum() + global_sum.mean()
+        self.sample = sample
+        self.frames = tuple(f for f in msg["cond_indep_stack"] if f.name != _PARTICLE_PLATE)

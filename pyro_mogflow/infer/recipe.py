@@ -67,23 +67,15 @@ from typing import NamedTuple
 
 import numpy as np
 import pyro
-import torch
-from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.util import zero_grads
 
-from ._validation import check_int, check_real
-from .autoguide import AutoMixtureFlow
-from .distributions.density import component_log_prob
-from .infer.anneal import Schedule, TemperedModel, exponential_schedule
-from .infer.stratified import StratifiedELBO
+from .._validation import check_int, check_real
+from ..guides import AutoMixtureFlow
+from .mixture_weights import WEIGHT_OBJECTIVES, balance_weights, natural_gradient_stepper
+from .stratified import StratifiedELBO
+from .tempering import Schedule, TemperedModel, exponential_schedule
 
 __all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
-
-#: Smallest mixture weight the natural-gradient update leaves a component (relative to one), so a
-#: component that moved to a new mode can win its weight back.
-MIN_WEIGHT = 1e-6
-_WEIGHT_OBJECTIVES = ("elbo", "forward")
 
 
 class FitResult(NamedTuple):
@@ -113,143 +105,19 @@ def default_beta_schedule(
     :param float beta_fraction: :math:`f \in (0, 1]`, the fraction of the steps spent annealing.
     :return: a :class:`~pyro_mogflow.Schedule`.
     """
-    num_steps = _check_int("num_steps", num_steps, 1)
+    num_steps = check_int("num_steps", num_steps, 1)
     beta_start = _check_unit("beta_start", beta_start)
     beta_fraction = _check_unit("beta_fraction", beta_fraction)
     return exponential_schedule(beta_start, 1.0, max(1, round(beta_fraction * num_steps)))
 
 
-# ------------------------------------------------------------------------------- checks
-def _check_int(name: str, value, minimum: int) -> int:
-    return check_int(name, value, minimum)
-
-
-def _check_positive(name: str, value, allow_zero: bool = False) -> float:
-    return check_real(name, value, minimum=0.0, strict=not allow_zero)
-
-
 def _check_unit(name: str, value) -> float:
-    value = _check_positive(name, value)
+    value = check_real(name, value, minimum=0.0, strict=True)
     if value > 1:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return value
 
 
-# ------------------------------------------------------------------- stratified helpers
-class _RecordingELBO(StratifiedELBO):
-    """A :class:`StratifiedELBO` that keeps the guide's last stratified draw (base points)."""
-
-    last_draw = None
-
-    def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace, draw = super()._get_trace(model, guide, args, kwargs)
-        self.last_draw = draw
-        return model_trace, guide_trace, draw
-
-
-def _unconstrained(value: torch.Tensor) -> torch.Tensor:
-    """The leaf tensor the optimiser updates for a constrained Pyro parameter value."""
-    unconstrained = getattr(value, "unconstrained", None)
-    return unconstrained() if callable(unconstrained) else value
-
-
-def _logits_param(guide: AutoMixtureFlow) -> torch.Tensor:
-    """The leaf tensor the optimiser would update for the guide's logits."""
-    return _unconstrained(guide.logits)
-
-
-def _natural_weight_step(logits: torch.Tensor, terms: torch.Tensor, step: float) -> None:
-    """In place: ``log pi <- log_softmax(log pi + step * (L - pi . L))``, floored at MIN_WEIGHT."""
-    with torch.no_grad():
-        log_pi = torch.log_softmax(logits, -1)
-        finite = torch.isfinite(terms)
-        terms = torch.where(finite, terms, terms.new_tensor(-1e30))
-        mean = (log_pi.exp() * torch.where(finite, terms, terms.new_zeros(()))).sum()
-        delta = (terms - mean).clamp(min=-1e3 / step, max=1e3 / step)
-        new = torch.log_softmax(log_pi + step * delta, -1).clamp(min=math.log(MIN_WEIGHT))
-        logits.copy_(torch.log_softmax(new, -1))
-
-
-@torch.no_grad()
-def balance_weights(
-    model: Callable,
-    guide: AutoMixtureFlow,
-    *args,
-    num_particles: int = 256,
-    num_iters: int = 200,
-    objective: str = "elbo",
-    **kwargs,
-) -> torch.Tensor:
-    r"""Set a stratified :class:`~pyro_mogflow.AutoMixtureFlow`'s weights to their optimum for its
-    current components, from ``num_particles`` draws per component.
-
-    With the components (means, scales, flow) fixed, one stratified draw
-    :math:`z_{kt} = f(b_{kt})`, :math:`b_{kt} = \mu_k + \sigma_k \odot \epsilon_{kt}`, scores any
-    weights :math:`\pi` exactly: :math:`\log q_\pi(z_{kt}) = \log \sum_j \pi_j
-    \mathcal{N}(b_{kt}; \mu_j, \sigma_j) - \log|\det \partial f / \partial b|`, and the model
-    is evaluated once. Then
-
-    * ``objective="elbo"``: the weights maximising the ELBO
-      :math:`\sum_k \pi_k \frac1n \sum_t [\log p(x, z_{kt}) - \log q_\pi(z_{kt})]`, a concave
-      function of :math:`\pi`, by ``num_iters`` natural-gradient (mirror-ascent) steps with
-      :math:`\eta = 1/2`;
-    * ``objective="forward"``: the weights maximising :math:`\mathbb{E}_p[\log q_\pi]` (the
-      forward KL, mass-covering), by the EM fixed point :math:`\pi_j \leftarrow
-      \mathbb{E}_p[r_j(z)]`, with responsibilities :math:`r_j` and the posterior expectation
-      estimated by self-normalised importance sampling from the stratified draws
-      (population Monte Carlo, Cappé et al. 2008).
-
-    :param callable model: the Pyro model (untempered: the weights are those of the posterior).
-    :param AutoMixtureFlow guide: a set-up guide with ``estimator="stratified"``.
-    :param args: the model's arguments.
-    :param int num_particles: ``n``, draws per component (the model runs on ``K n`` points).
-    :param int num_iters: fixed-point iterations.
-    :param str objective: ``"elbo"`` (default) or ``"forward"``.
-    :param kwargs: the model's keyword arguments.
-    :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
-    """
-    if not isinstance(guide, AutoMixtureFlow) or guide.estimator != "stratified":
-        raise TypeError(
-            "guide must be an AutoMixtureFlow with estimator='stratified', got "
-            f"{type(guide).__name__}"
-            + (f"(estimator={guide.estimator!r})" if isinstance(guide, AutoMixtureFlow) else "")
-        )
-    num_particles = _check_int("num_particles", num_particles, 1)
-    num_iters = _check_int("num_iters", num_iters, 1)
-    if objective not in _WEIGHT_OBJECTIVES:
-        raise ValueError(f"objective must be one of {_WEIGHT_OBJECTIVES}, got {objective!r}")
-    guide.setup(*args, **kwargs)
-    elbo = _RecordingELBO(num_particles=num_particles)
-    log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
-    base = elbo.last_draw.base  # (K, n, D)
-    locs, scales = guide.locs.detach(), guide.scales.detach()
-    k = base.shape[0]
-    comp = torch.stack([component_log_prob(base[i], locs, scales) for i in range(k)])  # (K,n,K)
-    log_pi = log_pi.detach()
-    # log p(x, z) + log|det| does not depend on the weights:
-    fixed = log_ratio.detach() + torch.logsumexp(log_pi + comp, -1)
-    ok = torch.isfinite(fixed)
-    fixed = torch.where(ok, fixed, fixed.new_tensor(-math.inf))
-    for _ in range(num_iters):
-        log_q = torch.logsumexp(log_pi + comp, -1)  # (K, n)
-        log_w = fixed - log_q
-        if objective == "elbo":
-            terms = torch.where(ok, log_w, log_w.new_zeros(())).sum(-1) / ok.sum(-1).clamp(min=1)
-            terms = torch.where(ok.any(-1), terms, terms.new_tensor(-math.inf))
-            logits = log_pi.clone()
-            _natural_weight_step(logits, terms, 0.5)
-            log_pi = logits
-        else:
-            resp = log_pi + comp - log_q.unsqueeze(-1)  # log r_j(z_kt)
-            joint = (log_pi.unsqueeze(-1) + log_w).unsqueeze(-1) + resp  # (K, n, K)
-            new = torch.logsumexp(joint.reshape(-1, k), 0)
-            log_pi = torch.log_softmax(new, -1).clamp(min=math.log(MIN_WEIGHT))
-            log_pi = torch.log_softmax(log_pi, -1)
-    _logits_param(guide).copy_(log_pi.to(guide.logits.dtype))
-    return log_pi.exp()
-
-
-# ---------------------------------------------------------------------------------- fit
 def fit(
     model: Callable,
     *args,
@@ -321,19 +189,21 @@ def fit(
     """
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-    num_steps = _check_int("num_steps", num_steps, 1)
-    lr = _check_positive("lr", lr)
-    flow_lr = lr / 10 if flow_lr is None else _check_positive("flow_lr", flow_lr)
-    num_particles = _check_int("num_particles", num_particles, 1)
+    num_steps = check_int("num_steps", num_steps, 1)
+    lr = check_real("lr", lr, minimum=0.0, strict=True)
+    flow_lr = (
+        lr / 10 if flow_lr is None else check_real("flow_lr", flow_lr, minimum=0.0, strict=True)
+    )
+    num_particles = check_int("num_particles", num_particles, 1)
     beta_start = _check_unit("beta_start", beta_start)
     beta_fraction = _check_unit("beta_fraction", beta_fraction)
     if not isinstance(observed_only, bool):
         raise TypeError(f"observed_only must be a bool, got {type(observed_only).__name__}")
     if weight_step is not None:
-        weight_step = _check_positive("weight_step", weight_step)
-    if balance is not None and balance not in _WEIGHT_OBJECTIVES:
-        raise ValueError(f"balance must be None or one of {_WEIGHT_OBJECTIVES}, got {balance!r}")
-    balance_particles = _check_int("balance_particles", balance_particles, 1)
+        weight_step = check_real("weight_step", weight_step, minimum=0.0, strict=True)
+    if balance is not None and balance not in WEIGHT_OBJECTIVES:
+        raise ValueError(f"balance must be None or one of {WEIGHT_OBJECTIVES}, got {balance!r}")
+    balance_particles = check_int("balance_particles", balance_particles, 1)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     if model_kwargs is None:
@@ -359,23 +229,28 @@ def fit(
     target = (
         model if schedule is None else TemperedModel(model, schedule, observed_only=observed_only)
     )
-    stratified = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
+    # A global stratified mixture gets the natural-gradient weight steps; any other guide that
+    # samples a stratified mixture flow (e.g. an AmortizedMixtureFlow site) gets StratifiedELBO.
+    global_mixture = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
     if isinstance(guide, AutoMixtureFlow):
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
     if optim is None:
         optim = pyro.optim.Adam(_learning_rates(guide, lr, flow_lr))
-    if stratified:
+    if global_mixture:
         elbo = StratifiedELBO(num_particles=num_particles)
 
         def freeze():
             return freeze_flow and isinstance(target, TemperedModel) and target.beta < 1
 
-        step_fn = _stratified_stepper(target, guide, optim, elbo, weight_step, freeze)
+        step_fn = natural_gradient_stepper(target, guide, optim, elbo, weight_step, freeze)
     else:
-        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        if StratifiedELBO.stratifies(model, guide, *args, **kwargs):
+            loss = StratifiedELBO(num_particles=num_particles)
+        else:
+            loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
         svi = SVI(target, guide, optim, loss)
 
-        def step_fn():
+        def step_fn(*args, **kwargs):
             return svi.step(*args, **kwargs)
 
     losses = np.zeros(num_steps)
@@ -386,7 +261,7 @@ def fit(
     for step in bar:
         if isinstance(target, TemperedModel):
             betas[step] = target.beta
-        value = float(step_fn(*args, **kwargs)) if stratified else float(step_fn())
+        value = float(step_fn(*args, **kwargs))
         if not math.isfinite(value):
             bar.close()
             raise RuntimeError(
@@ -399,7 +274,7 @@ def fit(
         if step % 50 == 0 or step == num_steps - 1:
             bar.set_postfix(loss=f"{value:.3g}", beta=f"{betas[step]:.3g}", refresh=False)
     bar.close()
-    if stratified and balance is not None:
+    if global_mixture and balance is not None:
         balance_weights(
             model,
             guide,
@@ -421,41 +296,3 @@ def _learning_rates(guide, lr: float, flow_lr: float) -> Callable[[str], dict]:
         return {"lr": flow_lr if prefix is not None and name.startswith(prefix) else lr}
 
     return args
-
-
-def _stratified_stepper(model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow):
-    """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
-
-    ``freeze_flow()`` says whether the flow's parameters sit out this step.
-    """
-
-    def step(*args, **kwargs) -> float:
-        with poutine.trace(param_only=True) as capture:
-            log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
-            terms = log_ratio.mean(-1)
-            loss = -(log_pi.exp() * terms).sum()
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        loss.backward()
-        if weight_step is not None:
-            # Component k's parameters get pi_k times the gradient of its own term L_k: divide
-            # it out (the Fisher metric of the mixture scales each component's block by pi_k),
-            # so a component whose weight has collapsed still moves toward a mode at full speed
-            # instead of stalling under Adam's long memory of its earlier, larger gradients.
-            pi = log_pi.detach().exp().unsqueeze(-1)
-            for name in ("locs", "scales"):
-                leaf = _unconstrained(getattr(guide, name))
-                if leaf.grad is not None:
-                    leaf.grad.div_(pi)
-            logits = _logits_param(guide)
-            params.discard(logits)
-            logits.grad = None
-            _natural_weight_step(logits, terms.detach(), weight_step)
-        if guide.flow is not None and freeze_flow():
-            frozen = {id(p) for p in guide.flow.parameters()}
-            zero_grads({p for p in params if id(p) in frozen})
-            params = {p for p in params if id(p) not in frozen}
-        optim(params)
-        zero_grads(params)
-        return float(loss.detach())
-
-    return step

@@ -30,6 +30,7 @@ __all__ = [
     "build_flow",
     "register_flow",
     "is_forward_only",
+    "stack_layers",
 ]
 
 #: Default half-width of the box on which spline flows act. Pyro's default (3) makes a spline
@@ -72,7 +73,7 @@ def register_flow(
     FLOWS[name] = FlowSpec(builder, invertible, min_dim, description)
 
 
-def _hidden(hidden_dims, d):
+def _hidden(hidden_dims, d=None):
     return None if hidden_dims is None else list(hidden_dims)
 
 
@@ -353,9 +354,18 @@ def build_flow(
             f"flow must be a registered name, a callable latent_dim -> TransformModule or None, "
             f"got {type(flow).__name__}"
         )
-    parts = []
+    return T.ComposeTransformModule(stack_layers(make, latent_dim, num_flows))
+
+
+def stack_layers(make: Callable[[], Transform], latent_dim: int, num_flows: int) -> list:
+    """``num_flows`` layers from ``make()``, a :class:`BufferPermute` between consecutive ones.
+
+    The permutations are drawn from torch's global generator and stored as buffers, so a
+    ``state_dict`` round trip restores the very same flow.
+    """
+    parts: list = []
     for i in range(num_flows):
         if i > 0 and latent_dim > 1:
             parts.append(BufferPermute(torch.randperm(latent_dim)))
         parts.append(make())
-    return T.ComposeTransformModule(parts)
+    return parts

@@ -1,0 +1,239 @@
+r"""The mixture flow: a normalizing flow on a mixture of diagonal Gaussians, as one distribution.
+
+.. math::
+    z = f(u), \qquad u \sim \sum_{k=1}^K \pi_k\, \mathcal{N}(\mu_k, \operatorname{diag}
+    \sigma_k^2), \qquad
+    \log q(z) = \log q_0(u) - \log\left|\det \frac{\partial f}{\partial u}\right|.
+
+:class:`MixtureFlow` is the package's one core object: every guide returns it
+(:class:`~pyro_mogflow.AutoMixtureFlow` for the packed latent of a model,
+:class:`~pyro_mogflow.AmortizedMixtureFlow` one per data point), and every objective works on it
+(:class:`~pyro_mogflow.StratifiedELBO` through :meth:`MixtureFlow.stratified_rsample`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Transform
+from torch.distributions.utils import _sum_rightmost
+
+from .density import mixture_log_prob
+from .estimators import check_estimator, mixture_base
+
+__all__ = ["MixtureFlow", "StratifiedSample"]
+
+
+class StratifiedSample(NamedTuple):
+    r"""``n`` reparameterized draws from every component of a :class:`MixtureFlow`.
+
+    With the distribution expanded to batch shape ``(K * n, *rest)``, draw ``k * n + t`` of
+    batch element ``b`` is :math:`z_{kt,b} = f_b(u_{kt,b})`,
+    :math:`u_{kt,b} = \mu_{bk} + \sigma_{bk} \odot \epsilon_{kt,b}`.
+
+    :ivar torch.Tensor value: the draws :math:`z`, shape ``(K * n, *rest, D)``.
+    :ivar torch.Tensor log_q: the exact :math:`\log q(z)` of the whole mixture flow,
+        shape ``(K * n, *rest)``.
+    :ivar torch.Tensor log_weights: :math:`\log \pi_{bk}`, shape ``(K, *rest)``.
+    :ivar torch.Tensor base: the draws before the flow, :math:`u`, shape ``(K * n, *rest, D)``.
+    """
+
+    value: torch.Tensor
+    log_q: torch.Tensor
+    log_weights: torch.Tensor
+    base: torch.Tensor
+
+
+class MixtureFlow(TorchDistribution):
+    r"""A normalizing flow on a mixture of diagonal Gaussians (a batch of them).
+
+    .. math::
+        z = f(u), \quad u \sim \sum_{k=1}^K \pi_{k}\,\mathcal{N}(\mu_{k}, \operatorname{diag}
+        \sigma_{k}^2), \qquad
+        \log q(z) = \log q_0(u) - \log\left|\det \frac{\partial f}{\partial u}\right|,
+
+    where :math:`\pi = \operatorname{softmax}(\text{logits})` and :math:`f` applies
+    ``transforms`` in order. The base :math:`q_0` is scored exactly by
+    :func:`~pyro_mogflow.distributions.mixture_log_prob` (the ``"relaxed-nested"`` estimator
+    uses its nested estimate instead). The ``estimator`` decides how :meth:`rsample` carries
+    gradients through the discrete choice (see :mod:`pyro_mogflow.distributions.estimators`);
+    :meth:`stratified_rsample` draws from every component, which is how
+    :class:`~pyro_mogflow.StratifiedELBO` takes the expectation over components exactly.
+
+    Usage::
+
+        q = MixtureFlow(logits, locs, scales, [flow], estimator="implicit")
+        z = q.rsample((64,))                 # (64, *batch, D), differentiable
+        log_q = q.log_prob(z)                # (64, *batch)
+
+    :param torch.Tensor logits: shape ``(*batch, K)``.
+    :param torch.Tensor locs: shape ``(*batch, K, D)``.
+    :param torch.Tensor scales: positive, shape ``(*batch, K, D)``.
+    :param transforms: torch transforms on :math:`\mathbb{R}^D` (already conditioned, for
+        conditional flows), applied in order; empty for the bare mixture.
+    :param str estimator: one of :data:`~pyro_mogflow.ESTIMATORS` (default ``"implicit"``).
+    :param float temperature: Gumbel-softmax temperature of the relaxed estimators.
+    :param int num_nested: inner draws of the ``"relaxed-nested"`` density.
+    :param validate_args: as for every torch distribution.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        locs: torch.Tensor,
+        scales: torch.Tensor,
+        transforms: Sequence[Transform] = (),
+        estimator: str = "implicit",
+        temperature: float = 0.5,
+        num_nested: int = 32,
+        validate_args: bool | None = None,
+    ):
+        check_estimator(estimator)
+        transforms = list(transforms)
+        for t in transforms:
+            if not isinstance(t, Transform):
+                raise TypeError(f"transforms must be torch Transforms, got {type(t).__name__}")
+        base = mixture_base(estimator, logits, locs, scales, temperature, num_nested)
+        self.logits, self.locs, self.scales = base.logits, base.locs, base.scales
+        self.transforms = transforms
+        self.estimator = estimator
+        self.base_dist = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+
+    @property
+    def num_components(self) -> int:
+        """``K``, the number of mixture components."""
+        return self.logits.shape[-1]
+
+    @property
+    def mixture_weights(self) -> torch.Tensor:
+        r""":math:`\pi = \operatorname{softmax}(\text{logits})`, shape ``(*batch, K)``."""
+        return torch.softmax(self.logits, dim=-1)
+
+    def expand(self, batch_shape, _instance=None) -> MixtureFlow:
+        new = self._get_checked_instance(MixtureFlow, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits, new.locs, new.scales = self.logits, self.locs, self.scales
+        new.transforms = self.transforms
+        new.estimator = self.estimator
+        new.base_dist = self.base_dist.expand(batch_shape)
+        super(MixtureFlow, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def push(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Map base points through the flow: ``(z, log|det df/du|)``.
+
+        :param torch.Tensor u: shape ``(*sample, *batch, D)``.
+        :return: ``z`` of the same shape and the log-determinant, shape ``(*sample, *batch)``.
+        """
+        log_det = torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+        for t in self.transforms:
+            z = t(u)
+            log_det = log_det + _sum_rightmost(t.log_abs_det_jacobian(u, z), 1 - t.domain.event_dim)
+            u = z
+        return u, log_det
+
+    def _forward(self, u: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            u = t(u)
+        return u
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Reparameterized draw, shape ``(*sample_shape, *batch_shape, D)``."""
+        if self.estimator == "stratified" and torch.is_grad_enabled():
+            warnings.warn(
+                "a mixture flow with estimator='stratified' is sampled with gradients outside "
+                "StratifiedELBO, so it draws the exact mixture with implicit reparameterization "
+                "(unbiased, not stratified). Train with pyro_mogflow.StratifiedELBO, or use "
+                "estimator='implicit'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self._forward(self.base_dist.rsample(sample_shape))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Draw without gradients, shape ``(*sample_shape, *batch_shape, D)``."""
+        with torch.no_grad():
+            return self._forward(self.base_dist.sample(sample_shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Exact log-density (nested estimate for ``"relaxed-nested"``), ``(*sample, *batch)``.
+
+        :param value: shape ``(*sample, *batch, D)``.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        log_det = 0.0
+        y = value
+        for t in reversed(self.transforms):
+            x = t.inv(y)
+            log_det = log_det + _sum_rightmost(t.log_abs_det_jacobian(x, y), 1 - t.domain.event_dim)
+            y = x
+        return self.base_dist.log_prob(y) - log_det
+
+    def stratified_rsample(self, num_particles: int, particle_dim: int) -> StratifiedSample:
+        r"""``num_particles`` reparameterized draws from *every* component (stratified draw).
+
+        The distribution must have been expanded (by a particle plate) to a batch shape
+        ``(K * n, *rest)`` whose leftmost dimension is ``particle_dim``. Draw ``k * n + t`` is
+
+        .. math:: z_{kt,b} = f_{b}(\mu_{bk} + \sigma_{bk} \odot \epsilon_{kt,b}), \qquad
+            \epsilon \sim \mathcal{N}(0, I),
+
+        and its log-density is the exact :math:`\log q(z_{kt,b})` of the whole mixture flow, so
+        weighting draw set :math:`k` by :math:`\pi_{bk}` gives the expectation over components
+        exactly (Morningstar et al. 2021).
+
+        :param int num_particles: ``n``, draws per component.
+        :param int particle_dim: the negative batch dimension holding the ``K * n`` draws.
+        :return: a :class:`StratifiedSample`.
+        :raises ValueError: if the estimator is not ``"stratified"`` or the batch shape does not
+            have ``K * n`` draws at ``particle_dim``.
+        """
+        if self.estimator != "stratified":
+            raise ValueError(
+                "StratifiedELBO needs a mixture flow built with estimator='stratified', got "
+                f"estimator={self.estimator!r}. Rebuild the guide (AutoMixtureFlow or "
+                "AmortizedMixtureFlow) with estimator='stratified', or train this one with "
+                "pyro.infer.Trace_ELBO."
+            )
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+            raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        k, d = self.locs.shape[-2:]
+        n = num_particles
+        batch = self.batch_shape
+        if len(batch) + particle_dim != 0 or batch[0] != k * n:
+            raise ValueError(
+                f"stratified draws need the batch shape (K * n, *rest) = ({k * n}, ...) with the "
+                f"draws at particle_dim={particle_dim}, got batch shape {tuple(batch)}. Declare "
+                "every batch dimension of the guide's inputs with pyro.plate."
+            )
+        rest = batch[1:]
+        own = self.logits.shape[:-1]
+        if len(own) > len(rest):
+            raise ValueError(
+                f"the distribution's own batch shape {tuple(own)} has more dims than the plates "
+                f"{tuple(rest)} allow; declare each batch dim with pyro.plate"
+            )
+        pad = (1,) * (len(rest) - len(own))
+        # component-major means and scales, (K, 1, *pad, *own, D), aligned with the draws
+        locs = self.locs.movedim(-2, 0).reshape((k, 1) + pad + own + (d,))
+        scales = self.scales.movedim(-2, 0).reshape((k, 1) + pad + own + (d,))
+        eps = torch.randn((k, n) + rest + (d,), dtype=locs.dtype, device=locs.device)
+        u = (locs + scales * eps).reshape((k * n,) + rest + (d,))
+        log_q = mixture_log_prob(u, self.logits, self.locs, self.scales)
+        z, log_det = self.push(u)
+        log_weights = torch.log_softmax(self.logits, dim=-1).movedim(-1, 0)
+        log_weights = log_weights.reshape((k,) + pad + own).expand((k,) + rest)
+        return StratifiedSample(z, (log_q - log_det).expand(batch), log_weights, u)

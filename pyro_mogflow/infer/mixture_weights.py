@@ -1,0 +1,179 @@
+r"""The mixture weights of an :class:`~pyro_mogflow.AutoMixtureFlow`: natural-gradient steps and
+a final re-balancing.
+
+Write the ELBO as :math:`\mathcal{L} = \sum_k \pi_k L_k` with
+:math:`L_k = \mathbb{E}_{q_k}[\log p(x, z) - \log q(z)]`. Along the simplex
+:math:`\partial \mathcal{L} / \partial \pi_k = L_k - 1`, and the natural gradient (the Fisher
+metric of the categorical) is the multiplicative update
+
+.. math:: \log \pi_k \leftarrow \log \pi_k + \eta\,\Big(L_k - \sum_j \pi_j L_j\Big)
+    \quad (\text{renormalised}).
+
+References:
+
+* S. Amari, *Natural Gradient Works Efficiently in Learning*, Neural Computation 1998.
+* O. Cappé, R. Douc, A. Guillin, J.-M. Marin, C. Robert, *Adaptive importance sampling in
+  general mixture classes*, Statistics and Computing 2008.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from pyro import poutine
+from pyro.infer.util import zero_grads
+
+from .._validation import check_int
+from ..distributions.density import component_log_prob
+from ..guides import AutoMixtureFlow
+from .stratified import StratifiedELBO
+
+__all__ = ["MIN_WEIGHT", "WEIGHT_OBJECTIVES", "balance_weights", "natural_gradient_stepper"]
+
+#: Smallest mixture weight the natural-gradient update leaves a component (relative to one), so a
+#: component that moved to a new mode can win its weight back.
+MIN_WEIGHT = 1e-6
+#: What :func:`balance_weights` can optimise.
+WEIGHT_OBJECTIVES = ("elbo", "forward")
+
+
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    """The leaf tensor the optimiser updates for a constrained Pyro parameter value."""
+    unconstrained = getattr(value, "unconstrained", None)
+    return unconstrained() if callable(unconstrained) else value
+
+
+def _logits_param(guide: AutoMixtureFlow) -> torch.Tensor:
+    """The leaf tensor the optimiser would update for the guide's logits."""
+    return _unconstrained(guide.logits)
+
+
+def _natural_weight_step(logits: torch.Tensor, terms: torch.Tensor, step: float) -> None:
+    """In place: ``log pi <- log_softmax(log pi + step * (L - pi . L))``, floored at MIN_WEIGHT."""
+    with torch.no_grad():
+        log_pi = torch.log_softmax(logits, -1)
+        finite = torch.isfinite(terms)
+        terms = torch.where(finite, terms, terms.new_tensor(-1e30))
+        mean = (log_pi.exp() * torch.where(finite, terms, terms.new_zeros(()))).sum()
+        delta = (terms - mean).clamp(min=-1e3 / step, max=1e3 / step)
+        new = torch.log_softmax(log_pi + step * delta, -1).clamp(min=math.log(MIN_WEIGHT))
+        logits.copy_(torch.log_softmax(new, -1))
+
+
+@torch.no_grad()
+def balance_weights(
+    model: Callable,
+    guide: AutoMixtureFlow,
+    *args,
+    num_particles: int = 256,
+    num_iters: int = 200,
+    objective: str = "elbo",
+    **kwargs,
+) -> torch.Tensor:
+    r"""Set a stratified :class:`~pyro_mogflow.AutoMixtureFlow`'s weights to their optimum for its
+    current components, from ``num_particles`` draws per component.
+
+    With the components (means, scales, flow) fixed, one stratified draw
+    :math:`z_{kt} = f(b_{kt})`, :math:`b_{kt} = \mu_k + \sigma_k \odot \epsilon_{kt}`, scores any
+    weights :math:`\pi` exactly: :math:`\log q_\pi(z_{kt}) = \log \sum_j \pi_j
+    \mathcal{N}(b_{kt}; \mu_j, \sigma_j) - \log|\det \partial f / \partial b|`, and the model
+    is evaluated once. Then
+
+    * ``objective="elbo"``: the weights maximising the ELBO
+      :math:`\sum_k \pi_k \frac1n \sum_t [\log p(x, z_{kt}) - \log q_\pi(z_{kt})]`, a concave
+      function of :math:`\pi`, by ``num_iters`` natural-gradient (mirror-ascent) steps with
+      :math:`\eta = 1/2`;
+    * ``objective="forward"``: the weights maximising :math:`\mathbb{E}_p[\log q_\pi]` (the
+      forward KL, mass-covering), by the EM fixed point :math:`\pi_j \leftarrow
+      \mathbb{E}_p[r_j(z)]`, with responsibilities :math:`r_j` and the posterior expectation
+      estimated by self-normalised importance sampling from the stratified draws
+      (population Monte Carlo, Cappé et al. 2008).
+
+    :param callable model: the Pyro model (untempered: the weights are those of the posterior).
+    :param AutoMixtureFlow guide: a set-up guide with ``estimator="stratified"``.
+    :param args: the model's arguments.
+    :param int num_particles: ``n``, draws per component (the model runs on ``K n`` points).
+    :param int num_iters: fixed-point iterations.
+    :param str objective: ``"elbo"`` (default) or ``"forward"``.
+    :param kwargs: the model's keyword arguments.
+    :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
+    """
+    if not isinstance(guide, AutoMixtureFlow) or guide.estimator != "stratified":
+        raise TypeError(
+            "guide must be an AutoMixtureFlow with estimator='stratified', got "
+            f"{type(guide).__name__}"
+            + (f"(estimator={guide.estimator!r})" if isinstance(guide, AutoMixtureFlow) else "")
+        )
+    num_particles = check_int("num_particles", num_particles, 1)
+    num_iters = check_int("num_iters", num_iters, 1)
+    if objective not in WEIGHT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {WEIGHT_OBJECTIVES}, got {objective!r}")
+    guide.setup(*args, **kwargs)
+    elbo = StratifiedELBO(num_particles=num_particles)
+    log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
+    locs, scales = guide.locs.detach(), guide.scales.detach()
+    k, n = log_ratio.shape
+    base = elbo.last_sample.base.reshape(k, n, -1)  # (K, n, D)
+    comp = torch.stack([component_log_prob(base[i], locs, scales) for i in range(k)])  # (K,n,K)
+    log_pi = log_pi.detach()
+    # log p(x, z) + log|det| does not depend on the weights:
+    fixed = log_ratio.detach() + torch.logsumexp(log_pi + comp, -1)
+    ok = torch.isfinite(fixed)
+    fixed = torch.where(ok, fixed, fixed.new_tensor(-math.inf))
+    for _ in range(num_iters):
+        log_q = torch.logsumexp(log_pi + comp, -1)  # (K, n)
+        log_w = fixed - log_q
+        if objective == "elbo":
+            terms = torch.where(ok, log_w, log_w.new_zeros(())).sum(-1) / ok.sum(-1).clamp(min=1)
+            terms = torch.where(ok.any(-1), terms, terms.new_tensor(-math.inf))
+            logits = log_pi.clone()
+            _natural_weight_step(logits, terms, 0.5)
+            log_pi = logits
+        else:
+            resp = log_pi + comp - log_q.unsqueeze(-1)  # log r_j(z_kt)
+            joint = (log_pi.unsqueeze(-1) + log_w).unsqueeze(-1) + resp  # (K, n, K)
+            new = torch.logsumexp(joint.reshape(-1, k), 0)
+            log_pi = torch.log_softmax(new, -1).clamp(min=math.log(MIN_WEIGHT))
+            log_pi = torch.log_softmax(log_pi, -1)
+    _logits_param(guide).copy_(log_pi.to(guide.logits.dtype))
+    return log_pi.exp()
+
+
+def natural_gradient_stepper(model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow):
+    """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
+
+    ``freeze_flow()`` says whether the flow's parameters sit out this step.
+    """
+
+    def step(*args, **kwargs) -> float:
+        with poutine.trace(param_only=True) as capture:
+            log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
+            terms = log_ratio.mean(-1)
+            loss = -(log_pi.exp() * terms).sum()
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        loss.backward()
+        if weight_step is not None:
+            # Component k's parameters get pi_k times the gradient of its own term L_k: divide
+            # it out (the Fisher metric of the mixture scales each component's block by pi_k),
+            # so a component whose weight has collapsed still moves toward a mode at full speed
+            # instead of stalling under Adam's long memory of its earlier, larger gradients.
+            pi = log_pi.detach().exp().unsqueeze(-1)
+            for name in ("locs", "scales"):
+                leaf = _unconstrained(getattr(guide, name))
+                if leaf.grad is not None:
+                    leaf.grad.div_(pi)
+            logits = _logits_param(guide)
+            params.discard(logits)
+            logits.grad = None
+            _natural_weight_step(logits, terms.detach(), weight_step)
+        if guide.flow is not None and freeze_flow():
+            frozen = {id(p) for p in guide.flow.parameters()}
+            zero_grads({p for p in params if id(p) in frozen})
+            params = {p for p in params if id(p) not in frozen}
+        optim(params)
+        zero_grads(params)
+        return float(loss.detach())
+
+    return step
