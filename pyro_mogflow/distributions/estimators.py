@@ -37,6 +37,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
 
+from .._validation import check_real
 from .mixture import DiagNormalMixture
 from .relaxed import RelaxedMixtureOfDiagNormals
 
@@ -74,14 +75,7 @@ def check_temperature(temperature: object) -> Temperature:
     """
     if callable(temperature):
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            "temperature must be a positive float or a callable step -> float, got "
-            f"{type(temperature).__name__}"
-        )
-    if not 0 < float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    return float(temperature)
+    return check_real("temperature", temperature, minimum=0.0, strict=True)
 
 
 def resolve_temperature(temperature: Temperature, step: int) -> float:
