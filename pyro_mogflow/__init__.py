@@ -5,9 +5,14 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 
 from ._version import __version__
 from .amortized import AmortizedMixtureFlow
-from .arviz import to_inference_data, vi_loo
 from .autoguide import ESTIMATORS, AutoMixtureFlow
-from .diagnostics import vi_diagnostics
+from .diagnostics import (
+    IndependentFits,
+    fit_independent,
+    to_inference_data,
+    vi_diagnostics,
+    vi_loo,
+)
 from .distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals, mixture_log_prob
 from .fit import FitResult, balance_weights, fit
 from .flows import FLOWS, build_flow, register_flow
@@ -20,7 +25,6 @@ from .infer import (
     linear_schedule,
     tempered,
 )
-from .runs import IndependentFits, fit_independent
 
 __all__ = [
     "__version__",
