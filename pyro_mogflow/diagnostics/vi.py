@@ -95,7 +95,7 @@ class VIDiagnostics:
     :ivar int num_draws: ``S``, draws per run.
     :ivar float khat: the largest per-run Pareto :math:`\hat k` (each run is judged as a fit
         of its own).
-    :ivar float khat_threshold: :func:`good_k_threshold` of ``S``.
+    :ivar float khat_threshold: :func:`~pyro_mogflow.diagnostics.good_k_threshold` of ``S``.
     :ivar numpy.ndarray khat_per_run: shape ``(R,)``.
     :ivar float ess: importance ESS summed over runs, in ``[R, R * S]``.
     :ivar numpy.ndarray ess_per_run: shape ``(R,)``, each the ESS
@@ -255,7 +255,8 @@ def vi_diagnostics(
 
     Pooled over runs, :math:`\log \hat Z = \log \frac{1}{RS} \sum_{r,s} w_{rs}` (each run's
     :math:`\hat Z_r` is unbiased for :math:`Z` when :math:`q_r` covers the posterior, so their
-    mean is too). Pareto :math:`\hat k` and the ESS come from :func:`psis`, run by run.
+    mean is too). Pareto :math:`\hat k` and the ESS come from
+    :func:`~pyro_mogflow.diagnostics.psis`, run by run.
 
     Warnings (each also issued as a :class:`VIDiagnosticsWarning` when ``warn``):
 
