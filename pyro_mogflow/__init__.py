@@ -4,8 +4,13 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 """
 
 from ._version import __version__
-from .arviz import to_inference_data, vi_loo
-from .diagnostics import vi_diagnostics
+from .diagnostics import (
+    IndependentFits,
+    fit_independent,
+    to_inference_data,
+    vi_diagnostics,
+    vi_loo,
+)
 from .distributions import (
     ESTIMATORS,
     DiagNormalMixture,
@@ -27,7 +32,6 @@ from .infer import (
     linear_schedule,
     tempered,
 )
-from .runs import IndependentFits, fit_independent
 
 __all__ = [
     "__version__",

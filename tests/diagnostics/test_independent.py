@@ -1,4 +1,4 @@
-"""Tests for pyro_mogflow.runs: fit_independent and IndependentFits."""
+"""Tests for pyro_mogflow.diagnostics.independent: fit_independent and IndependentFits."""
 
 from __future__ import annotations
 
@@ -19,13 +19,6 @@ from pyro_mogflow import (
 )
 
 STEPS = 30
-
-
-@pytest.fixture(autouse=True)
-def _fresh_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def regression(x, y):

@@ -1,10 +1,8 @@
-"""Tests for pyro_mogflow.diagnostics: PSIS, evidence, warnings and the multi-run check."""
+"""Tests for pyro_mogflow.diagnostics.vi: evidence, warnings and the multi-run check."""
 
 from __future__ import annotations
 
 import math
-import sys
-import types
 import warnings
 
 import numpy as np
@@ -17,25 +15,13 @@ from pyro.infer.autoguide.initialization import init_to_sample
 from torch.distributions import transform_to
 
 from pyro_mogflow import AutoMixtureFlow, fit_independent, to_inference_data, vi_diagnostics
-from pyro_mogflow import diagnostics as diag
-from pyro_mogflow.arviz import _as_datatree
-from pyro_mogflow.diagnostics import (
-    MISSED_MODES_WARNING,
-    VIDiagnosticsWarning,
-    good_k_threshold,
-    psis,
-)
+from pyro_mogflow.diagnostics.groups import _as_datatree
+from pyro_mogflow.diagnostics.importance import psis
+from pyro_mogflow.diagnostics.vi import MISSED_MODES_WARNING, VIDiagnosticsWarning
 
 az = pytest.importorskip("arviz")
 
 DTYPES = [torch.float32, torch.float64]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def _set_param(module, name, value):
@@ -48,75 +34,6 @@ def _set_param(module, name, value):
         else:
             target = getattr(module, name)
             target.copy_(value.to(target.dtype))
-
-
-# ------------------------------------------------------------------------------ PSIS
-def _heavy_log_ratios(rows=3, draws=2000, seed=0):
-    rng = np.random.default_rng(seed)
-    # log ratios of a Student-t target against a normal proposal: a genuinely heavy tail
-    x = rng.normal(size=(rows, draws)) * np.array([[1.0], [1.5], [2.5]])[:rows]
-    return -0.5 * 3 * np.log1p(x**2 / 3) + 0.5 * x**2
-
-
-def test_psis_matches_az_psislw():
-    log_ratios = _heavy_log_ratios()
-    ours, khat = psis(log_ratios)
-    theirs, khat_az = az.psislw(log_ratios.copy())
-    np.testing.assert_allclose(khat, khat_az)
-    np.testing.assert_allclose(ours, theirs, atol=1e-10)
-    np.testing.assert_allclose(np.exp(ours).sum(-1), 1.0)
-    assert khat[2] > khat[0]  # a wider proposal against the same target: heavier weights
-
-
-def test_psis_passes_the_sign_arviz_stats_expects(monkeypatch):
-    # arviz-stats (ArviZ >= 1) negates its input. A stand-in with that convention must give
-    # exactly what ArviZ 0.x gives for the same log ratios.
-    def negating_psislw(ary, r_eff=1.0, axis=-1):
-        return az.psislw(-np.asarray(ary), reff=r_eff)
-
-    array_stats = types.SimpleNamespace(psislw=negating_psislw)
-    base = types.ModuleType("arviz_stats.base")
-    base.array_stats = array_stats
-    monkeypatch.setitem(sys.modules, "arviz_stats", types.ModuleType("arviz_stats"))
-    monkeypatch.setitem(sys.modules, "arviz_stats.base", base)
-    monkeypatch.setattr(diag, "_arviz_major", lambda: 1)
-    log_ratios = _heavy_log_ratios(rows=2)
-    ours, khat = psis(log_ratios)
-    theirs, khat_az = az.psislw(log_ratios.copy())
-    np.testing.assert_allclose(khat, khat_az)
-    np.testing.assert_allclose(ours, theirs, atol=1e-10)
-
-
-def test_psis_does_not_modify_its_input():
-    log_ratios = _heavy_log_ratios(rows=1)
-    before = log_ratios.copy()
-    psis(log_ratios)
-    np.testing.assert_array_equal(log_ratios, before)
-
-
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        (np.zeros(5), "at least 10"),
-        (np.array([np.nan] + [0.0] * 20), "NaN"),
-        (np.array([np.inf] + [0.0] * 20), r"\+inf"),
-        (np.full(20, -np.inf), "zero weight"),
-    ],
-)
-def test_psis_rejects_bad_log_ratios(bad, match):
-    with pytest.raises(ValueError, match=match):
-        psis(bad)
-
-
-@pytest.mark.parametrize("draws, expected", [(100, 0.5), (1000, 1 - 1 / 3), (10**5, 0.7)])
-def test_good_k_threshold(draws, expected):
-    assert good_k_threshold(draws) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("bad, error", [(1, ValueError), (10.0, TypeError), (True, TypeError)])
-def test_good_k_threshold_rejects_bad_sizes(bad, error):
-    with pytest.raises(error, match="num_draws"):
-        good_k_threshold(bad)
 
 
 # ----------------------------------------------------------- evidence of a conjugate model
@@ -241,10 +158,18 @@ def test_too_narrow_guide_warns_that_khat_is_high():
     assert result.khat > 0.7 and not result.ok
 
 
-def test_too_few_draws_warns():
+def _near_posterior_export(num_samples):
+    """An AutoNormal near the conjugate posterior and ``num_samples`` of its draws (seed 0)."""
     y, k = _conjugate_data(torch.float64)
     guide = _near_posterior_guide("AutoNormal", y, k)
-    idata = to_inference_data(guide, conjugate_model, model_args=(y, k), num_samples=40, seed=0)
+    idata = to_inference_data(
+        guide, conjugate_model, model_args=(y, k), num_samples=num_samples, seed=0
+    )
+    return guide, idata
+
+
+def test_too_few_draws_warns():
+    _, idata = _near_posterior_export(40)
     with pytest.warns(VIDiagnosticsWarning, match="too few draws"):
         vi_diagnostics(idata)
 
@@ -376,11 +301,9 @@ def test_bad_options_raise(kwargs, error, match):
 
 
 def test_bad_sources_raise():
-    y, k = _conjugate_data(torch.float64)
-    guide = _near_posterior_guide("AutoNormal", y, k)
+    guide, idata = _near_posterior_export(20)
     with pytest.raises(ValueError, match="model is required"):
         vi_diagnostics(guide)
-    idata = to_inference_data(guide, conjugate_model, model_args=(y, k), num_samples=20, seed=0)
     with pytest.raises(ValueError, match="model must be None"):
         vi_diagnostics(idata, conjugate_model)
     del idata.sample_stats["log_weight"]
@@ -389,9 +312,7 @@ def test_bad_sources_raise():
 
 
 def test_non_finite_log_weights_raise():
-    y, k = _conjugate_data(torch.float64)
-    guide = _near_posterior_guide("AutoNormal", y, k)
-    idata = to_inference_data(guide, conjugate_model, model_args=(y, k), num_samples=20, seed=0)
+    _, idata = _near_posterior_export(20)
     idata.sample_stats["log_weight"].values[0, 3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         vi_diagnostics(idata)

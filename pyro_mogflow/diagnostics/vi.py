@@ -34,23 +34,28 @@ References:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
-import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.special import logsumexp
 
-from ._validation import check_real
+from .._validation import check_real
+from .export import to_inference_data
+from .groups import _group, _is_datatree, _is_inference_data
+from .importance import _evidence, _min_draws_for, good_k_threshold, psis
+
+if TYPE_CHECKING:
+    from arviz import InferenceData
+    from xarray import DataTree
 
 __all__ = [
     "MISSED_MODES_WARNING",
     "VIDiagnostics",
     "VIDiagnosticsWarning",
-    "good_k_threshold",
-    "psis",
     "vi_diagnostics",
 ]
 
@@ -68,99 +73,17 @@ class VIDiagnosticsWarning(UserWarning):
     """Issued by :func:`vi_diagnostics` when a fit should not be trusted as it stands."""
 
 
-# ------------------------------------------------------------------------------- PSIS
-def _arviz_major() -> int:
-    import arviz as az
+class _RunsWithTheirModel(abc.ABC):
+    """Independent runs that carry their model and can export themselves, one chain per run.
 
-    return int(str(az.__version__).split(".")[0])
-
-
-def good_k_threshold(num_draws: int) -> float:
-    r"""The largest Pareto :math:`\hat k` for which ``num_draws`` importance draws suffice.
-
-    .. math:: k_{\text{good}}(S) = \min\left(1 - \frac{1}{\log_{10} S},\ 0.7\right)
-
-    (Vehtari et al. 2024, section 3.2.4). Above it, the Monte Carlo error of an importance
-    sampling estimate is large for this sample size; above 0.7 no feasible sample size helps.
-
-    :param int num_draws: ``S >= 2``.
-    :return: the threshold (negative for ``S < 10``, where no tail can be trusted).
+    :class:`~pyro_mogflow.diagnostics.IndependentFits` is one. :func:`vi_diagnostics` draws
+    from such a source through its own ``to_inference_data``, so this module needs no import
+    of the class that fits the runs (which itself calls :func:`vi_diagnostics`).
     """
-    if isinstance(num_draws, bool) or not isinstance(num_draws, numbers.Integral):
-        raise TypeError(f"num_draws must be an int >= 2, got {type(num_draws).__name__}")
-    if num_draws < 2:
-        raise ValueError(f"num_draws must be an int >= 2, got {num_draws}")
-    return float(min(1.0 - 1.0 / math.log10(num_draws), 0.7))
 
-
-def _min_draws_for(khat: float) -> float:
-    """Sample size at which ``khat`` becomes acceptable: ``10 ** (1 / (1 - k))``."""
-    if not khat < 1:
-        return math.inf
-    return 10.0 ** (1.0 / (1.0 - max(khat, 0.0)))
-
-
-def psis(log_ratios, r_eff: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    r"""Pareto-smoothed importance sampling of log ratios, through ArviZ.
-
-    Fits a generalized Pareto distribution to the largest ratios of each row and replaces them
-    by the fitted quantiles (Vehtari et al. 2024). ArviZ 0.x's ``az.psislw`` takes the log
-    ratios as they are; ArviZ >= 1 (arviz-stats) negates its input, expecting log-likelihoods
-    for leave-one-out. This function passes the sign each installed version needs, so callers
-    always give log ratios :math:`\log p - \log q`.
-
-    :param log_ratios: array of shape ``(..., S)``; draws on the last axis. ``-inf`` (zero
-        weight) is allowed; ``NaN`` and ``+inf`` are not.
-    :param float r_eff: relative efficiency of the draws (1 for independent draws).
-    :return: ``(log_weights, khat)``: smoothed log weights normalised along the last axis
-        (``logsumexp == 0``), shape ``(..., S)``, and the Pareto :math:`\hat k` of each row,
-        shape ``(...)``.
-    :raises ValueError: for fewer than 10 draws, ``NaN`` or ``+inf``.
-    """
-    arr = np.array(log_ratios, dtype=np.float64, copy=True)
-    if arr.ndim < 1:
-        raise ValueError(f"log_ratios must have shape (..., S), got a scalar {log_ratios!r}")
-    if arr.shape[-1] < 10:
-        raise ValueError(
-            f"log_ratios must hold at least 10 draws on its last axis, got shape {arr.shape}"
-        )
-    if np.isnan(arr).any() or np.isposinf(arr).any():
-        raise ValueError("log_ratios must not contain NaN or +inf")
-    if np.isneginf(arr).all(axis=-1).any():
-        raise ValueError("log_ratios has a row where every draw has zero weight (-inf)")
-    if isinstance(r_eff, bool) or not isinstance(r_eff, numbers.Real) or not r_eff > 0:
-        raise ValueError(f"r_eff must be a positive float, got {r_eff!r}")
-    with warnings.catch_warnings():
-        # ArviZ warns about large k-hat in its own words; our callers give their own advice.
-        warnings.simplefilter("ignore")
-        if _arviz_major() >= 1:
-            from arviz_stats.base import array_stats
-
-            log_weights, khat = array_stats.psislw(-arr, r_eff=float(r_eff), axis=-1)
-        else:
-            import arviz as az
-
-            log_weights, khat = az.psislw(arr, reff=float(r_eff))
-    log_weights = np.asarray(log_weights, dtype=np.float64)
-    log_weights = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
-    return log_weights, np.asarray(khat, dtype=np.float64)
-
-
-def _log_mean_exp(x: np.ndarray) -> float:
-    return float(logsumexp(x) - math.log(x.size))
-
-
-def _evidence(log_w: np.ndarray) -> tuple[float, float]:
-    r"""``log Z_hat`` and its delta-method standard error.
-
-    .. math:: \operatorname{se}(\log \hat Z) \approx
-        \sqrt{\frac{\operatorname{Var}(w)}{S\, \bar w^2}}
-        = \sqrt{\frac{S \sum_s \bar w_s^2 - 1}{S}}, \qquad \bar w_s = w_s / \sum_t w_t.
-    """
-    s = log_w.size
-    norm = log_w - logsumexp(log_w)
-    sum_sq = float(np.exp(logsumexp(2 * norm)))
-    return _log_mean_exp(log_w), math.sqrt(max(s * sum_sq - 1.0, 0.0) / s)
+    @abc.abstractmethod
+    def to_inference_data(self, **kwargs: Any) -> InferenceData | DataTree:
+        """:func:`~pyro_mogflow.to_inference_data` of the runs, one chain per run."""
 
 
 # --------------------------------------------------------------------------- results
@@ -172,7 +95,7 @@ class VIDiagnostics:
     :ivar int num_draws: ``S``, draws per run.
     :ivar float khat: the largest per-run Pareto :math:`\hat k` (each run is judged as a fit
         of its own).
-    :ivar float khat_threshold: :func:`good_k_threshold` of ``S``.
+    :ivar float khat_threshold: :func:`~pyro_mogflow.diagnostics.good_k_threshold` of ``S``.
     :ivar numpy.ndarray khat_per_run: shape ``(R,)``.
     :ivar float ess: importance ESS summed over runs, in ``[R, R * S]``.
     :ivar numpy.ndarray ess_per_run: shape ``(R,)``, each the ESS
@@ -257,27 +180,6 @@ class VIDiagnostics:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------- data access
-def _is_inference_data(data) -> bool:
-    return callable(getattr(data, "groups", None)) and hasattr(data, "_groups")
-
-
-def _is_datatree(data) -> bool:
-    return hasattr(data, "children") and hasattr(data, "to_dataset")
-
-
-def _group(data, name: str):
-    """The ``name`` group of an InferenceData or DataTree as an ``xarray.Dataset``, or None."""
-    if _is_inference_data(data):
-        return getattr(data, name) if name in data.groups() else None
-    if _is_datatree(data):
-        return data[name].to_dataset() if name in data.children else None
-    raise TypeError(
-        "data must be an arviz.InferenceData or an xarray.DataTree made by "
-        f"pyro_mogflow.to_inference_data, got {type(data).__name__}"
-    )
-
-
 def _sample_stats(data) -> tuple[object, np.ndarray]:
     stats = _group(data, "sample_stats")
     if stats is None or "log_weight" not in stats:
@@ -323,8 +225,8 @@ def _component_masses(
 
 # ------------------------------------------------------------------------ entry point
 def vi_diagnostics(
-    source,
-    model=None,
+    source: InferenceData | DataTree | Callable | Sequence[Callable],
+    model: Callable | None = None,
     *,
     model_args: tuple = (),
     model_kwargs: dict | None = None,
@@ -353,7 +255,8 @@ def vi_diagnostics(
 
     Pooled over runs, :math:`\log \hat Z = \log \frac{1}{RS} \sum_{r,s} w_{rs}` (each run's
     :math:`\hat Z_r` is unbiased for :math:`Z` when :math:`q_r` covers the posterior, so their
-    mean is too). Pareto :math:`\hat k` and the ESS come from :func:`psis`, run by run.
+    mean is too). Pareto :math:`\hat k` and the ESS come from
+    :func:`~pyro_mogflow.diagnostics.psis`, run by run.
 
     Warnings (each also issued as a :class:`VIDiagnosticsWarning` when ``warn``):
 
@@ -400,10 +303,7 @@ def vi_diagnostics(
 
 
 def _draw(source, model, model_args, model_kwargs, num_samples, seed):
-    from .arviz import to_inference_data
-    from .runs import IndependentFits
-
-    if isinstance(source, IndependentFits):
+    if isinstance(source, _RunsWithTheirModel):
         if model is not None or model_args or model_kwargs:
             raise ValueError(
                 "model, model_args and model_kwargs must not be given with an IndependentFits, "
@@ -449,7 +349,7 @@ def _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn) -> VIDiagnos
     smoothed_runs, khat_runs = psis(log_w)
     khat_runs = np.asarray(khat_runs, dtype=np.float64).reshape(runs)
     khat = float(khat_runs.max())
-    ess_runs = 1.0 / np.exp(logsumexp(2 * smoothed_runs, axis=-1))
+    ess_runs = 1.0 / np.exp(np.logaddexp.reduce(2 * smoothed_runs, axis=-1))
     ess = float(ess_runs.sum())
 
     elbo_runs = log_w.mean(axis=1)

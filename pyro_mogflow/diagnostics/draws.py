@@ -1,0 +1,359 @@
+r"""Drawing from fitted guides and scoring each draw under the model, for the ArviZ export.
+
+For one guide (one chain), ``_draw_chain`` draws :math:`z_s \sim q` ``batch_size`` at a time
+in an outer ``pyro.plate`` over draws (or one at a time, unbatched, with ``batch_size=1``),
+runs the model conditioned on each draw and returns, per draw: the latent and deterministic
+values, ``lp`` :math:`= \log p(x, z_s)`, :math:`\log q(z_s)` of the constrained draw, pointwise
+log-likelihoods and log-priors, and fresh posterior-predictive draws of the observed sites.
+
+An :class:`~pyro_mogflow.AutoMixtureFlow` is drawn from its exact mixture (component, base
+point, flow, constraints), whatever estimator trained it; any other guide is traced under the
+outer plate and :math:`\log q` is the guide trace's log density. ``_prototype`` reads the
+model's sites, shapes and plates from one unbatched run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_factor, site_is_subsample
+from torch.distributions import biject_to
+
+from ..distributions import mixture_log_prob
+from ..guides import AutoMixtureFlow
+
+__all__: list[str] = []
+
+_DRAWS_PLATE = "_pyro_mogflow_draws"
+
+
+# ---------------------------------------------------------------------------- sites
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """Shape facts about one model site, from an unbatched run of the model.
+
+    ``shape`` is the site's value shape without any draws dimension; ``batch_ndim`` how many of
+    its leading dimensions are batch (plate) dimensions; ``plates`` maps a plate's dim (a
+    negative int) to ``(name, size)``.
+    """
+
+    name: str
+    kind: str  # "latent" | "observed" | "deterministic" | "factor"
+    shape: tuple
+    batch_ndim: int
+    plates: dict
+
+    @property
+    def batch_shape(self) -> tuple:
+        return self.shape[: self.batch_ndim]
+
+
+def _sites_of(trace, max_plate_nesting: int) -> dict[str, _Site]:
+    sites = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        plates = {}
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim is not None:
+                plates[frame.dim] = (frame.name, frame.size)
+        infer = site["infer"] or {}
+        if infer.get("_deterministic"):
+            kind, shape = "deterministic", tuple(site["value"].shape)
+            batch_ndim = min(len(shape), max_plate_nesting)
+        elif site_is_factor(site) or (site["is_observed"] and infer.get("is_auxiliary")):
+            kind, shape, batch_ndim = "factor", (), 0
+        elif site["is_observed"]:
+            fn = site["fn"]
+            kind, shape = "observed", tuple(fn.batch_shape + fn.event_shape)
+            batch_ndim = len(fn.batch_shape)
+        else:
+            kind, shape = "latent", tuple(site["value"].shape)
+            batch_ndim = len(shape) - site["fn"].event_dim
+        sites[name] = _Site(name, kind, shape, max(batch_ndim, 0), plates)
+    return sites
+
+
+def _max_plate_nesting(trace) -> int:
+    dims = [
+        -frame.dim
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def _check_no_subsampling(trace) -> None:
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"site {name!r} lies in plate {frame.name!r} subsampled to {frame.size} of "
+                    f"{frame.full_size}; importance weights and pointwise log-likelihoods need "
+                    "the full data. Call the model without subsample_size for the export."
+                )
+
+
+# ------------------------------------------------------------------------ drawing
+class _ResampleObserved(Messenger):
+    """Draws fresh values at the named observed sites instead of using the data."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names and msg["is_observed"]:
+            msg["is_observed"] = False
+            msg["value"] = None
+            msg["done"] = False
+
+
+def _per_draw(t, n: int, max_plate_nesting: int | None) -> torch.Tensor:
+    """Sum a log-density term to one value per draw, shape ``(n,)``.
+
+    Under the outer draws plate (``max_plate_nesting`` an int) a term that depends on the draw
+    has at least ``max_plate_nesting + 1`` dims and the draws dim first; without it (``None``,
+    one unbatched draw) the whole term belongs to the single draw.
+    """
+    if not torch.is_tensor(t):
+        return torch.full((n,), float(t))
+    if max_plate_nesting is None:
+        return t.sum().reshape(1)
+    if t.dim() < max_plate_nesting + 1:  # does not depend on the draw
+        return t.sum().expand(n)
+    return t.reshape(t.shape[0], -1).sum(-1).expand(n)
+
+
+def _to_draws(value: torch.Tensor, shape: tuple, n: int, name: str) -> torch.Tensor:
+    """A batched value laid out as ``(n, 1, ..., 1, *shape)`` -> ``(n, *shape)``."""
+    numel = math.prod(shape)
+    vs = tuple(value.shape)
+    trailing_ok = len(shape) == 0 or vs[len(vs) - len(shape) :] == shape
+    middle = vs[1 : len(vs) - len(shape)] if len(vs) > len(shape) else None
+    if middle is not None and vs[0] == n and trailing_ok and all(m == 1 for m in middle):
+        return value.reshape((n,) + shape)
+    if n == 1 and value.numel() == numel:
+        return value.reshape((1,) + shape)
+    if vs == shape:  # constant across draws
+        return value.unsqueeze(0).expand((n,) + shape)
+    raise ValueError(
+        f"site {name!r}: a batch of {n} draws has shape {vs}, which is not {n} x {shape} "
+        "with padding dims; the model may not vectorize over an outer plate (e.g. it stacks "
+        "tensors along dim 0 or reads .item()). Pass batch_size=1 to draw one at a time."
+    )
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.array(t.detach().cpu().numpy(), copy=True)
+
+
+def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int | None):
+    """Exact draws of an AutoMixtureFlow: component, base point, flow, constraints; and log q.
+
+    ``max_plate_nesting=None`` draws one point laid out unbatched (the model's own shapes).
+    """
+    logits = guide.logits.detach()
+    locs = guide.locs.detach()
+    scales = guide.scales.detach()
+    component = torch.distributions.Categorical(logits=logits).sample((n,))
+    eps = torch.randn((n, locs.shape[-1]), dtype=locs.dtype, device=locs.device)
+    z0 = locs[component] + scales[component] * eps
+    log_q = mixture_log_prob(z0, logits, locs, scales)
+    z = z0
+    if guide.flow is not None:
+        z = guide.flow(z0)
+        log_q = log_q - guide.flow.log_abs_det_jacobian(z0, z)
+    if max_plate_nesting is None:
+        latent = z.reshape(z.shape[-1])
+    else:
+        latent = z.reshape((n,) + (1,) * max_plate_nesting + (z.shape[-1],))
+    values = {}
+    for site, unconstrained in guide._unpack_latent(latent):
+        transform = biject_to(site["fn"].support)
+        value = transform(unconstrained)
+        log_q = log_q - _per_draw(
+            transform.log_abs_det_jacobian(unconstrained, value), n, max_plate_nesting
+        )
+        values[site["name"]] = value
+    return values, log_q, component
+
+
+def _guide_draws(guide, n, max_plate_nesting, args, kwargs):
+    """Draws of any guide under an outer plate, with log q = the guide trace's log density."""
+    with _vectorized(n, max_plate_nesting):
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    log_q = None
+    values = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if (site["infer"] or {}).get("_deterministic"):
+            continue
+        term = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        term = _per_draw(scale_and_mask(term, site["scale"], site["mask"]), n, max_plate_nesting)
+        log_q = term if log_q is None else log_q + term
+        values[name] = site["value"]
+    if log_q is None:
+        raise ValueError("the guide drew no sample site; it has nothing to export")
+    return values, log_q
+
+
+@dataclasses.dataclass
+class _Chain:
+    values: dict
+    log_lik: dict
+    log_prior: dict
+    predictive: dict
+    lp: np.ndarray
+    lp_approx: np.ndarray
+    component: np.ndarray | None
+
+
+@contextmanager
+def _vectorized(n: int, mpn: int | None):
+    """The outer plate over draws; ``mpn=None`` runs one draw with no plate at all."""
+    if mpn is None:
+        yield
+        return
+    try:
+        with pyro.plate(_DRAWS_PLATE, n, dim=-(mpn + 1)):
+            yield
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise RuntimeError(
+            f"running the model or guide on a batch of {n} draws in an outer plate failed: "
+            f"{e}\nIf the model does not vectorize (e.g. it computes x @ w on a latent site or "
+            "calls .item()), pass batch_size=1 to draw one at a time without a plate."
+        ) from e
+
+
+def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
+    """``n`` draws of one guide with everything the groups need (``mpn=None``: unbatched)."""
+    latent_names = [s.name for s in sites.values() if s.kind == "latent"]
+    observed = [s.name for s in sites.values() if s.kind == "observed"]
+    component = None
+    if isinstance(guide, AutoMixtureFlow):
+        values, log_q, component = _mixture_flow_draws(guide, n, mpn)
+    else:
+        values, log_q = _guide_draws(guide, n, mpn, args, kwargs)
+    data = {k: v for k, v in values.items() if k in sites and sites[k].kind == "latent"}
+    with _vectorized(n, mpn):
+        trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+    lp = torch.zeros(n, dtype=log_q.dtype, device=log_q.device)
+    out = {"values": {}, "log_lik": {}, "log_prior": {}, "predictive": {}}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or name not in sites:
+            continue
+        info = sites[name]
+        if info.kind == "deterministic":
+            out["values"][name] = _to_draws(site["value"], info.shape, n, name)
+            continue
+        term = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        lp = lp + _per_draw(scale_and_mask(term, site["scale"], site["mask"]), n, mpn)
+        if info.kind == "latent":
+            out["values"][name] = _to_draws(site["value"], info.shape, n, name)
+            if name not in data:  # not guided: drawn from its prior, which is then part of q
+                log_q = log_q + _per_draw(scale_and_mask(term, site["scale"], site["mask"]), n, mpn)
+            if want["log_prior"]:
+                masked = scale_and_mask(term, 1.0, site["mask"])
+                masked = masked.expand(torch.broadcast_shapes(masked.shape, term.shape))
+                out["log_prior"][name] = _to_draws(masked, info.batch_shape, n, name)
+        elif info.kind == "observed" and want["log_likelihood"]:
+            masked = scale_and_mask(term, 1.0, site["mask"])
+            masked = masked.expand(torch.broadcast_shapes(masked.shape, term.shape))
+            out["log_lik"][name] = _to_draws(masked, info.batch_shape, n, name)
+    if want["posterior_predictive"] and observed:
+        fixed = {k: trace.nodes[k]["value"] for k in latent_names if k in trace.nodes}
+        resampled = _ResampleObserved(observed)(poutine.condition(model, data=fixed))
+        with _vectorized(n, mpn):
+            ptrace = poutine.trace(resampled).get_trace(*args, **kwargs)
+        for name in observed:
+            out["predictive"][name] = _to_draws(
+                ptrace.nodes[name]["value"], sites[name].shape, n, name
+            )
+    return _Chain(
+        values={k: _numpy(v) for k, v in out["values"].items()},
+        log_lik={k: _numpy(v) for k, v in out["log_lik"].items()},
+        log_prior={k: _numpy(v) for k, v in out["log_prior"].items()},
+        predictive={k: _numpy(v) for k, v in out["predictive"].items()},
+        lp=_numpy(lp),
+        lp_approx=_numpy(log_q),
+        component=None if component is None else _numpy(component),
+    )
+
+
+def _draw_chain(guide, model, args, kwargs, num_samples, batch_size, sites, mpn, want):
+    parts = []
+    batched_mpn = None if batch_size == 1 else mpn
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        parts.append(_draw_batch(guide, model, args, kwargs, n, sites, batched_mpn, want))
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(attr):
+        first = getattr(parts[0], attr)
+        if first is None:
+            return None
+        if isinstance(first, dict):
+            return {k: np.concatenate([getattr(p, attr)[k] for p in parts]) for k in first}
+        return np.concatenate([getattr(p, attr) for p in parts])
+
+    return _Chain(*(cat(f.name) for f in dataclasses.fields(_Chain)))
+
+
+# ----------------------------------------------------------------------- prototypes
+@dataclasses.dataclass
+class _Prototype:
+    sites: dict
+    max_plate_nesting: int
+    param_names: frozenset
+    observed_values: dict
+
+
+def _prototype(guide, model, args, kwargs, max_plate_nesting) -> _Prototype:
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    _check_no_subsampling(model_trace)
+    mpn = _max_plate_nesting(model_trace)
+    if max_plate_nesting is not None:
+        if max_plate_nesting < mpn:
+            raise ValueError(
+                f"max_plate_nesting={max_plate_nesting} is smaller than the model's plate nesting "
+                f"({mpn}); pass None to use the model's"
+            )
+        mpn = max_plate_nesting
+    sites = _sites_of(model_trace, mpn)
+    latent = [s for s in sites.values() if s.kind == "latent"]
+    if not latent:
+        raise ValueError("the model has no latent sample site; there is no posterior to export")
+    observed_values = {}
+    for name, info in sites.items():
+        if info.kind == "observed":
+            value = model_trace.nodes[name]["value"]
+            observed_values[name] = _numpy(torch.broadcast_to(value, info.shape))
+    params = frozenset(n for n, s in guide_trace.nodes.items() if s["type"] == "param")
+    return _Prototype(sites, mpn, params, observed_values)
+
+
+@contextmanager
+def _seeded(seed):
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
