@@ -23,7 +23,8 @@ from pyro.infer import SVI, Trace_ELBO
 from scipy import stats
 
 from pyro_mogflow import ESTIMATORS, AmortizedMixtureFlow, DiagNormalMixture, StratifiedELBO
-from pyro_mogflow.amortized import CONDITIONAL_FLOWS, MixtureFlowPosterior
+from pyro_mogflow.distributions import MixtureFlow
+from pyro_mogflow.flows import CONDITIONAL_FLOWS
 
 DTYPES = [torch.float32, torch.float64]
 FLOWS = [None, *sorted(CONDITIONAL_FLOWS)]
@@ -541,7 +542,7 @@ def test_bad_estimator_override_raises():
 def test_posterior_rejects_bad_estimator():
     logits, locs, scales = torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1)
     with pytest.raises(ValueError, match="unknown estimator 'x'"):
-        MixtureFlowPosterior(logits, locs, scales, estimator="x")
+        MixtureFlow(logits, locs, scales, estimator="x")
 
 
 # ------------------------------------------------------------------ benchmark smoke run

@@ -310,3 +310,29 @@ def test_component_gradients_are_divided_by_their_weights():
     )
     assert torch.allclose(guide.locs.detach(), expected, rtol=1e-6, atol=1e-9)
     assert float((guide.locs.detach() - start).abs()[1].max()) > 1e-3  # it did move
+
+
+def test_fit_trains_an_amortized_stratified_site_with_stratified_elbo():
+    """A guide of one's own with an AmortizedMixtureFlow(estimator='stratified') site is
+    trained by StratifiedELBO; under Trace_ELBO the site would warn that it is not stratified."""
+    import warnings
+
+    from pyro_mogflow import AmortizedMixtureFlow
+
+    x = torch.randn(6, 2)
+    encoder = AmortizedMixtureFlow(2, 2, num_components=2, flow=None, estimator="stratified")
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", encoder(x))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*outside StratifiedELBO.*")
+        _, losses = fit(model, x, guide=guide, num_steps=5, beta=None, progress=False)
+    assert losses.shape == (5,) and all(math.isfinite(v) for v in losses)
