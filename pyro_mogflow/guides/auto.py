@@ -40,17 +40,11 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     :math:`\sigma` are learned. Each component can settle on its own mode of the posterior, and
     the flow bends the components' shapes.
 
-    The ``estimator`` decides how gradients pass through the mixture's discrete choice:
-
-    ==================  ==============================  ==================  =====================
-    estimator           sample                          base log-density    weight gradient
-    ==================  ==============================  ==================  =====================
-    ``relaxed``         Gumbel-softmax soft selection   exact mixture       biased (relaxation)
-    ``relaxed-nested``  Gumbel-softmax soft selection   nested estimate     biased (+ Jensen)
-    ``implicit``        exact mixture sample            exact mixture       unbiased
-    ``stratified``      one draw set per component      exact mixture       exact expectation
-    ``pathwise``        Pyro ``MixtureOfDiagNormals``   exact mixture       Pyro's estimator
-    ==================  ==============================  ==================  =====================
+    The ``estimator`` decides how gradients pass through the mixture's discrete choice
+    (``relaxed``, ``relaxed-nested``, ``implicit``, ``stratified`` or ``pathwise``; the table in
+    :mod:`pyro_mogflow.distributions.estimators` says what each samples and how biased its
+    weight gradient is). The guide's posterior is a
+    :class:`~pyro_mogflow.distributions.MixtureFlow`.
 
     ``relaxed-nested`` is the design note's method as written; ``stratified`` is meant for
     :class:`~pyro_mogflow.StratifiedELBO` (under any other ELBO it samples the exact mixture as

@@ -6,7 +6,6 @@ plate-local) and a conjugate likelihood, so its evidence is known exactly. Stati
 the seed and allow four standard errors.
 """
 
-import importlib.util
 import math
 
 import pyro
@@ -30,22 +29,12 @@ from pyro.infer.reparam import NeuTraReparam
 
 from pyro_mogflow import AutoMixtureFlow
 
-_HAS_IMPLICIT = importlib.util.find_spec("pyro_mogflow.distributions.mixture") is not None
-_needs_mixture = pytest.mark.skipif(
-    not _HAS_IMPLICIT,
-    reason="estimator 'implicit' needs pyro_mogflow/distributions/mixture.py (not there yet)",
-)
 #: Estimators that sample with gradients and work with any Pyro ELBO ("stratified" needs
 #: StratifiedELBO and is tested with it).
-ESTIMATORS = [
-    "relaxed",
-    "relaxed-nested",
-    "pathwise",
-    pytest.param("implicit", marks=_needs_mixture),
-]
+ESTIMATORS = ["relaxed", "relaxed-nested", "pathwise", "implicit"]
 #: Estimators whose samples follow the mixture exactly, so the guide's density is the density
 #: of its samples (the relaxed ones score relaxed samples with another density).
-EXACT = ["pathwise", pytest.param("implicit", marks=_needs_mixture)]
+EXACT = ["pathwise", "implicit"]
 DTYPES = [torch.float32, torch.float64]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -217,7 +206,7 @@ def test_every_elbo_trains_every_parameter(estimator, elbo):
 
 
 @pytest.mark.parametrize("flow", ["affine_coupling", "neural_autoregressive"])
-@pytest.mark.parametrize("estimator", ["relaxed", pytest.param("implicit", marks=_needs_mixture)])
+@pytest.mark.parametrize("estimator", ["relaxed", "implicit"])
 def test_jit_trace_elbo_gives_the_same_loss_and_gradients_as_trace_elbo(estimator, flow):
     # A jit-traced guide that froze a parameter or the flow's permutations into constants (as
     # Pyro's AutoNormalizingFlow does) would drift from the eager ELBO once parameters move.
