@@ -1,8 +1,11 @@
 r"""Targets of the multimodal benchmark: Pyro models with known ground truth.
 
-Each builder returns a :class:`BenchTarget`: a :class:`~pyro_mogflow.models.Target` (the Pyro
-model, its data, the modes, the exact :math:`\log Z`) plus an exact sampler of the posterior, so
-the benchmark can measure the forward KL and the true mass near each mode.
+Each builder returns a :class:`BenchTarget`: a :class:`~pyro_mogflow.examples.Target` (the Pyro
+model, its data, the modes and their capture radius, the exact :math:`\log Z` and an exact
+sampler of the posterior, so the benchmark can measure the forward KL and the true mass near each
+mode), plus how the benchmark scores and plots it. The targets are those of
+:mod:`pyro_mogflow.examples` (the same ones the demo and the tutorials use), and the mass near a
+mode is :func:`pyro_mogflow.examples.mode_masses`.
 
 =============  ====  ===========================================================================
 name           D     posterior
@@ -13,12 +16,12 @@ name           D     posterior
                      means uniform on :math:`[-40, 40]^2` (Midgley et al. 2023)
 ``funnel10``   10    Neal's funnel: unimodal, scale varying by orders of magnitude
 ``signreg``    2     :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`: two mirror modes, a positive
-                     site, observed data (:func:`~pyro_mogflow.models.sign_regression`)
+                     site, observed data (:func:`~pyro_mogflow.examples.sign_regression`)
 ``mix10``      10    3 correlated Gaussians with weights 0.5 / 0.3 / 0.2
 =============  ====  ===========================================================================
 
 The mixtures are written with ``pyro.factor`` on a broad Gaussian "prior" that the factor cancels
-(:func:`~pyro_mogflow.models.gaussian_mixture_model`), so the posterior is exactly the mixture and
+(:func:`~pyro_mogflow.examples.gaussian_mixture_model`), so the posterior is exactly the mixture and
 :math:`\log Z` = 0. The prior plays the role a prior plays in a real model: it says where the
 latent can live (guides that initialise from the prior use it). For ``gmm40`` its standard
 deviation is 25, about that of the uniform law on :math:`[-40, 40]` the means are drawn from.
@@ -40,12 +43,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_mogflow.models import (
-    Target,
-    _sign_regression_log_lik_given_sigma,
-    gaussian_mixture_target,
-    sign_regression,
-)
+from pyro_mogflow.examples import Target, gaussian_mixture_target, sign_regression
 
 __all__ = [
     "BenchTarget",
@@ -70,31 +68,34 @@ MIX10_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class BenchTarget:
-    """A benchmark target: a Pyro model with known evidence, modes and an exact sampler.
+    """A benchmark case: a :class:`~pyro_mogflow.examples.Target` with an exact sampler, and how
+    the benchmark scores and plots it.
 
     :param str name: short key (a column of the table).
-    :param Target target: the model, its data, modes (on :attr:`Target.site`), radius, log Z.
-    :param callable sample: ``sample(num_samples, generator) -> dict`` site name -> exact
-        posterior draws, shape ``(N, *site_shape)`` (constrained space).
+    :param Target target: the model, its data, modes (on :attr:`Target.site`), capture radius,
+        log Z and exact sampler.
     :param bool multimodal: whether mode coverage and mode masses are scored.
-    :param float radius: capture radius of a mode: a point counts toward the nearest mode when
-        it lies within this distance of it, else toward "elsewhere" (see
-        :func:`benchmarks.metrics.mode_bins`). Default :attr:`Target.radius`.
     :param plot: for targets with two latent dimensions, ``(x_site, x_index, y_site, y_index,
         (x_lo, x_hi), (y_lo, y_hi))``: what to put on each axis of the 2-D plot; else ``None``.
     """
 
     name: str
     target: Target
-    sample: Callable[[int, torch.Generator], dict]
     multimodal: bool = True
     plot: tuple | None = None
-    radius: float | None = None
+
+    def __post_init__(self):
+        if self.target.exact_sampler is None:
+            raise ValueError(f"benchmark target {self.name!r} needs an exact sampler")
+
+    def sample(self, num_samples: int, generator: torch.Generator) -> dict:
+        """Exact posterior draws: site name -> ``(num_samples, *site_shape)``."""
+        return self.target.sample_exact(num_samples, generator)
 
     @property
     def capture_radius(self) -> float:
-        """The radius used to assign points to modes (see :attr:`radius`)."""
-        return float(self.target.radius if self.radius is None else self.radius)
+        """The radius used to assign points to modes: :attr:`Target.radius`."""
+        return float(self.target.radius)
 
     @property
     def description(self) -> str:
@@ -104,19 +105,6 @@ class BenchTarget:
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
-
-
-def _mixture_sampler(target: Target) -> Callable[[int, torch.Generator], dict]:
-    """Exact sampler of a :func:`~pyro_mogflow.models.gaussian_mixture_target` posterior."""
-    logits, locs, scales = (t.detach().cpu().double() for t in target.args)
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        k = torch.multinomial(logits.softmax(-1), num_samples, True, generator=generator)
-        eps = torch.randn((num_samples, locs.shape[-1]), generator=generator, dtype=torch.float64)
-        z = locs[k] + scales[k] * eps
-        return {"z": z.to(dtype=target.modes.dtype, device=target.modes.device)}
-
-    return sample
 
 
 def _box(locs: torch.Tensor, margin: float) -> tuple:
@@ -134,7 +122,7 @@ def grid9(dtype: torch.dtype = torch.float32) -> BenchTarget:
     target = dataclasses.replace(
         target, name="grid9", description="3x3 grid of Gaussians at {-5,0,5}^2, std 0.5"
     )
-    return BenchTarget("grid9", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+    return BenchTarget("grid9", target, plot=_box(locs, 3.0))
 
 
 def ring8(dtype: torch.dtype = torch.float32) -> BenchTarget:
@@ -145,7 +133,7 @@ def ring8(dtype: torch.dtype = torch.float32) -> BenchTarget:
     target = dataclasses.replace(
         target, name="ring8", description="8 Gaussians on a circle of radius 6, std 0.5"
     )
-    return BenchTarget("ring8", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+    return BenchTarget("ring8", target, plot=_box(locs, 3.0))
 
 
 def gmm40(dtype: torch.dtype = torch.float32) -> BenchTarget:
@@ -158,22 +146,22 @@ def gmm40(dtype: torch.dtype = torch.float32) -> BenchTarget:
     u = torch.rand((40, 2), generator=_generator(GMM40_SEED), dtype=torch.float32)
     locs = ((u - 0.5) * 80.0).to(dtype)
     scale = math.log1p(math.e)  # softplus(1)
-    target = gaussian_mixture_target(locs, scales=scale, dtype=dtype)
+    # Some means lie closer than 3 std to each other, so the default radius (half the smallest
+    # gap) would be tiny; a draw is captured within 3 std of its nearest mean instead.
+    target = gaussian_mixture_target(locs, scales=scale, radius=3 * scale, dtype=dtype)
     target = dataclasses.replace(
         target,
         name="gmm40",
         kwargs={**target.kwargs, "prior_scale": 25.0},
         description="40 Gaussians, means uniform on [-40,40]^2, std softplus(1)",
     )
-    # Some means lie closer than 3 std to each other, so the Target's ball radius (half the
-    # smallest gap) is tiny; modes are captured within 3 std of the nearest mean instead.
-    return BenchTarget(
-        "gmm40", target, _mixture_sampler(target), plot=_box(locs, 6.0), radius=3 * scale
-    )
+    return BenchTarget("gmm40", target, plot=_box(locs, 6.0))
 
 
 # ------------------------------------------------------------------------------ funnel
-def funnel_model(dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.float32):
+def funnel_model(
+    dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""Neal's funnel in ``dim`` dimensions, as a Pyro model (no data).
 
     .. math:: v \sim \mathcal{N}(0, 3^2), \qquad x_i \mid v \sim \mathcal{N}(0, e^{v}),
@@ -189,6 +177,12 @@ def funnel_model(dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.f
 
 def funnel10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     """Neal's funnel in 10-D: unimodal with hard geometry (mixtures must not hurt here)."""
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        v = 3.0 * torch.randn(num_samples, generator=generator, dtype=torch.float64)
+        x = torch.randn((num_samples, 9), generator=generator, dtype=torch.float64)
+        return {"v": v.to(dtype), "x": (x * (v / 2).exp().unsqueeze(-1)).to(dtype)}
+
     target = Target(
         name="funnel10",
         model=funnel_model,
@@ -199,55 +193,23 @@ def funnel10(dtype: torch.dtype = torch.float32) -> BenchTarget:
         radius=1e6,
         log_z=0.0,
         description="Neal's funnel in 10-D, v ~ N(0, 3^2)",
+        exact_sampler=sample,
     )
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        v = 3.0 * torch.randn(num_samples, generator=generator, dtype=torch.float64)
-        x = torch.randn((num_samples, 9), generator=generator, dtype=torch.float64)
-        return {"v": v.to(dtype), "x": (x * (v / 2).exp().unsqueeze(-1)).to(dtype)}
-
-    return BenchTarget("funnel10", target, sample, multimodal=False)
+    return BenchTarget("funnel10", target, multimodal=False)
 
 
 # ---------------------------------------------------------------------- sign regression
 def signreg(dtype: torch.dtype = torch.float32) -> BenchTarget:
     r"""The sign-symmetric regression :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`.
 
-    :func:`~pyro_mogflow.models.sign_regression` with its defaults (40 points, slope 1.5,
-    noise 0.5, seed 0). Exact draws: :math:`\sigma` by inverse-CDF sampling of its marginal on
-    a fine grid of :math:`\log\sigma` (the quadrature behind :math:`\log Z`), then
-    :math:`|\theta| \mid \sigma` from its Gaussian truncated to :math:`\theta > 0` and a fair
-    random sign.
+    :func:`~pyro_mogflow.examples.sign_regression` with its defaults (40 points, slope 1.5,
+    noise 0.5, seed 0), and its exact sampler (inverse-CDF draws of :math:`\sigma` on the
+    quadrature grid behind :math:`\log Z`, then :math:`|\theta|` given :math:`\sigma` and a
+    fair random sign).
     """
-    target = sign_regression(dtype=dtype)
-    target = dataclasses.replace(target, name="signreg")
-    x, y = (t.detach().cpu().double() for t in target.args)
-    s0 = float(target.kwargs["prior_scale"])
-    u = torch.linspace(-12.0, 5.0, 40001, dtype=torch.float64)
-    sigma = u.exp()
-    log_prior = dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(sigma) + u
-    log_f = log_prior + _sign_regression_log_lik_given_sigma(x, y, s0, sigma, 0.0, math.inf)
-    probs = (log_f - log_f.logsumexp(0)).exp()
-    du = float(u[1] - u[0])
-    sxx, sxy = float((x * x).sum()), float((x * y).sum())
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        idx = torch.multinomial(probs, num_samples, True, generator=generator)
-        jitter = torch.rand(num_samples, generator=generator, dtype=torch.float64) - 0.5
-        s = (u[idx] + du * jitter).exp()
-        prec = 1.0 / s0**2 + sxx / s**2
-        mean = (sxy / s**2) / prec
-        sd = prec.rsqrt()
-        # |theta| | sigma: N(mean, sd^2) truncated to (0, inf), by inverse CDF
-        lo = torch.special.ndtr(-mean / sd)
-        v = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-        p = (lo + v * (1 - lo)).clamp(1e-300, 1 - 1e-16)
-        magnitude = mean + sd * torch.special.ndtri(p)
-        sign = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
-        return {"theta": (sign * magnitude).to(dtype), "sigma": s.to(dtype)}
-
+    target = dataclasses.replace(sign_regression(dtype=dtype), name="signreg")
     return BenchTarget(
-        "signreg", target, sample, plot=("theta", None, "sigma", None, (-2.5, 2.5), (0.25, 1.0))
+        "signreg", target, plot=("theta", None, "sigma", None, (-2.5, 2.5), (0.25, 1.0))
     )
 
 
@@ -258,7 +220,7 @@ def correlated_mixture_model(
     scale_trils: torch.Tensor,
     log_z: float = 0.0,
     prior_scale: float = 10.0,
-):
+) -> torch.Tensor:
     r"""A mixture of full-covariance Gaussians as a Pyro model with one latent site ``z``.
 
     .. math::
@@ -267,7 +229,7 @@ def correlated_mixture_model(
         - \log \mathcal{N}(z; 0, s_0^2 I_D) + \log Z,
 
     so the posterior is the mixture and the evidence is :math:`Z` (as
-    :func:`~pyro_mogflow.models.gaussian_mixture_model`, with correlated components).
+    :func:`~pyro_mogflow.examples.gaussian_mixture_model`, with correlated components).
 
     :param torch.Tensor logits: ``(K,)``. :param torch.Tensor locs: ``(K, D)``.
     :param torch.Tensor scale_trils: lower Cholesky factors ``(K, D, D)``.
@@ -300,6 +262,13 @@ def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     gaps = torch.cdist(locs, locs) + torch.eye(3, dtype=torch.float64) * 1e9
     if not float(gaps.min()) > 14:
         raise RuntimeError(f"MIX10_SEED={MIX10_SEED} gives means closer than 14")
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        k = torch.multinomial(weights, num_samples, True, generator=generator)
+        eps = torch.randn((num_samples, d, 1), generator=generator, dtype=torch.float64)
+        z = locs[k] + (tril[k] @ eps).squeeze(-1)
+        return {"z": z.to(dtype)}
+
     target = Target(
         name="mix10",
         model=correlated_mixture_model,
@@ -310,15 +279,9 @@ def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
         radius=5.0,
         log_z=0.0,
         description="3 correlated Gaussians in 10-D, weights 0.5/0.3/0.2",
+        exact_sampler=sample,
     )
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        k = torch.multinomial(weights, num_samples, True, generator=generator)
-        eps = torch.randn((num_samples, d, 1), generator=generator, dtype=torch.float64)
-        z = locs[k] + (tril[k] @ eps).squeeze(-1)
-        return {"z": z.to(dtype)}
-
-    return BenchTarget("mix10", target, sample)
+    return BenchTarget("mix10", target)
 
 
 #: name -> builder ``(dtype) -> BenchTarget``; the order of the table's columns.

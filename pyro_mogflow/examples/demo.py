@@ -1,6 +1,6 @@
 r"""The main job, ``python -m pyro_mogflow demo``: two guides on a posterior with two modes.
 
-The model is :func:`pyro_mogflow.models.sign_regression`: a regression
+The model is :func:`pyro_mogflow.examples.targets.sign_regression`: a regression
 :math:`y_i \sim \mathcal{N}(|\theta|\, x_i, \sigma^2)` whose likelihood cannot tell the sign of
 :math:`\theta`, so the posterior has two mirror modes of equal mass near
 :math:`\theta = \pm\theta^\star`, and a positive site :math:`\sigma`. Its evidence
@@ -9,8 +9,9 @@ The model is :func:`pyro_mogflow.models.sign_regression`: a regression
 The demo fits it with Pyro's :class:`~pyro.infer.autoguide.AutoNormal` and with
 :class:`~pyro_mogflow.AutoMixtureFlow`, then reports for each guide
 
-* the guide's mass near each mode: the fraction of its samples with
-  :math:`|\theta - m_j| < |\theta^\star| / 2` (half the gap between the modes), and the number
+* the guide's mass near each mode (:func:`~pyro_mogflow.examples.targets.mode_masses`): the
+  fraction of its samples with :math:`|\theta - m_j| < |\theta^\star| / 2` (half the gap
+  between the modes), and the number
   of *modes found*, i.e. modes holding at least :data:`MODE_THRESHOLD` of the samples (the
   exact posterior holds 0.5 near each);
 * the ELBO, :math:`\mathbb{E}_q[\log p(y, \theta, \sigma) - \log q(\theta, \sigma)]`, from
@@ -37,6 +38,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -47,10 +49,11 @@ from pyro.infer.autoguide import AutoNormal, init_to_feasible
 from pyro.infer.importance import vectorized_importance_weights
 from tqdm.auto import tqdm
 
-from ._validation import check_int
-from .autoguide import AutoMixtureFlow
-from .fit import fit as fit_mixture
-from .models import Target, sign_regression
+from pyro_mogflow import AutoMixtureFlow
+from pyro_mogflow import fit as fit_mixture
+from pyro_mogflow._validation import check_int
+
+from .targets import Target, sign_regression
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -63,8 +66,8 @@ __all__ = [
     "DemoResult",
     "demo_target",
     "make_guides",
-    "fit",
-    "evaluate",
+    "fit_guide",
+    "evaluate_guide",
     "format_table",
     "plot_posteriors",
     "run_demo",
@@ -162,12 +165,12 @@ def _check_out(out) -> Path:
 
 
 # ------------------------------------------------------------------------------ parts
-def demo_target(seed: int = DEFAULT_SEED, device="cpu") -> Target:
+def demo_target(seed: int = DEFAULT_SEED, device: str | torch.device = "cpu") -> Target:
     """The demo's model and data: :func:`~pyro_mogflow.models.sign_regression` with ``seed``."""
     return sign_regression(seed=_check_seed(seed), device=_check_device(device))
 
 
-def make_guides(target: Target) -> dict:
+def make_guides(target: Target) -> dict[str, Callable]:
     """The two guides the demo compares, keyed by name (see the module docstring for the choices).
 
     :return: ``{"AutoNormal": ..., "AutoMixtureFlow": ...}``.
@@ -178,9 +181,9 @@ def make_guides(target: Target) -> dict:
     }
 
 
-def fit(
+def fit_guide(
     target: Target,
-    guide,
+    guide: Callable,
     steps: int,
     lr: float = LEARNING_RATE,
     desc: str = "",
@@ -228,7 +231,7 @@ def fit(
 
 
 @torch.no_grad()
-def evaluate(target: Target, guide, num_samples: int = NUM_EVAL_SAMPLES) -> dict:
+def evaluate_guide(target: Target, guide: Callable, num_samples: int = NUM_EVAL_SAMPLES) -> dict:
     r"""ELBO, standard error, samples and mode masses of a fitted guide.
 
     Draws ``num_samples`` vectorized samples from the guide and computes the log weights
@@ -272,7 +275,7 @@ def _mode_label(target: Target, j: int) -> str:
     return f"mass near mode {j + 1}"
 
 
-def format_table(target: Target, reports: list) -> str:
+def format_table(target: Target, reports: list[GuideReport]) -> str:
     """The demo's table: one row for the exact posterior, one per guide.
 
     Columns: the mass near each mode, modes found, ELBO and its standard error, the gap
@@ -335,7 +338,7 @@ def _exact_grid(target: Target, theta_lim: float, sigma_lo: float, sigma_hi: flo
     return theta, sigma, logp
 
 
-def plot_posteriors(target: Target, reports: list, path) -> Path:
+def plot_posteriors(target: Target, reports: list[GuideReport], path: str | os.PathLike) -> Path:
     """Save a PNG: each guide's samples of ``(theta, sigma)`` over the exact posterior's contours,
     and the marginal of ``theta`` (exact curve and guide histograms).
 
@@ -415,8 +418,8 @@ def plot_posteriors(target: Target, reports: list, path) -> Path:
 def run_demo(
     steps: int = DEFAULT_STEPS,
     seed: int = DEFAULT_SEED,
-    device="cpu",
-    out=DEFAULT_OUT,
+    device: str | torch.device = "cpu",
+    out: str | os.PathLike = DEFAULT_OUT,
     progress: bool = True,
     stream: TextIO | None = None,
 ) -> DemoResult:
@@ -444,9 +447,9 @@ def run_demo(
     for name, guide in make_guides(target).items():
         # each guide's random initialisation and fit depend on the seed only, not on the order
         pyro.set_rng_seed(seed)
-        seconds, losses = fit(target, guide, steps, desc=name, progress=progress)
+        seconds, losses = fit_guide(target, guide, steps, desc=name, progress=progress)
         pyro.set_rng_seed(seed + 1)
-        ev = evaluate(target, guide)
+        ev = evaluate_guide(target, guide)
         reports.append(
             GuideReport(
                 name=name,

@@ -2,14 +2,16 @@ r"""Built-in Pyro models whose posteriors have several modes, with known ground 
 
 Each generator returns a :class:`Target`: the Pyro model, the arguments to call it with (the
 generated data), the locations of the posterior's modes on one latent site, and what is known
-exactly about the posterior (its log evidence :math:`\log Z = \log p(y)` and the posterior mass
-near each mode, where they have a closed form). The demo (``python -m pyro_mogflow demo``), the
-tutorials and the benchmarks share them.
+exactly about the posterior (its log evidence :math:`\log Z = \log p(y)`, the posterior mass
+near each mode and an exact sampler, where they have a closed form). The demo
+(``python -m pyro_mogflow demo``), the tutorials and the benchmarks share them, and they share
+one definition of the mass near a mode, :func:`mode_masses`.
 
 * :func:`sign_regression` -- a regression whose likelihood cannot tell the sign of its slope
-  (two mirror modes, one positive site; :math:`\log Z` and mode masses by quadrature).
+  (two mirror modes, one positive site; :math:`\log Z`, mode masses and exact draws by
+  quadrature).
 * :func:`gaussian_mixture_target` -- a mixture of diagonal Gaussians written as a Pyro model with
-  ``pyro.factor`` (any number of modes; :math:`\log Z` known by construction).
+  ``pyro.factor`` (any number of modes; :math:`\log Z` known by construction, exact draws).
 * :func:`label_switching_mixture` -- a two-component Gaussian mixture model fitted to data; its
   posterior is symmetric under swapping the component means (two mirror modes).
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -30,11 +32,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ._validation import check_int
-from .distributions import mixture_log_prob
+from pyro_mogflow import mixture_log_prob
+from pyro_mogflow._validation import check_int
 
 __all__ = [
     "Target",
+    "mode_masses",
     "sign_regression",
     "sign_regression_model",
     "gaussian_mixture_target",
@@ -79,6 +82,57 @@ def _check_data(name: str, value, dim: int | None = None) -> torch.Tensor:
     return value
 
 
+# ------------------------------------------------------------------------- mode masses
+def mode_masses(
+    samples: torch.Tensor, modes: torch.Tensor, radius: float, *, elsewhere: bool = False
+) -> torch.Tensor:
+    r"""Fraction of ``samples`` near each mode: the one mode-mass metric of the package.
+
+    A point counts toward its nearest mode (Euclidean distance over the flattened site) when it
+    lies strictly within ``radius`` of it, and toward no mode ("elsewhere") otherwise:
+
+    .. math:: \hat m_j = \frac1N \sum_{n=1}^N \mathbb{1}\{\, j = \arg\min_i \|\theta_n - m_i\|_2
+        \ \text{and}\ \|\theta_n - m_j\|_2 < r \,\}.
+
+    The masses partition the draws, so they sum to at most one even when the balls around the
+    modes overlap; when they do not (``radius`` at most half the smallest distance between two
+    modes) the nearest mode is the only one within ``radius`` and :math:`\hat m_j` is the
+    fraction of draws in the ball around :math:`m_j`. Distances are computed in float64.
+
+    :param torch.Tensor samples: draws, shape ``(N, *site_shape)`` with ``N >= 1``.
+    :param torch.Tensor modes: the mode locations, shape ``(M, *site_shape)``.
+    :param float radius: capture radius :math:`r > 0`.
+    :param bool elsewhere: also return the fraction of draws near no mode, as a last entry.
+    :return: shape ``(M,)``, or ``(M + 1,)`` with ``elsewhere=True`` (then summing to one), in
+        ``samples``' dtype (float64 for non-floating samples) and on ``samples``' device.
+    """
+    if not isinstance(samples, torch.Tensor) or not isinstance(modes, torch.Tensor):
+        raise TypeError(
+            f"samples and modes must be torch.Tensors, got {type(samples).__name__} and "
+            f"{type(modes).__name__}"
+        )
+    radius = _check_real("radius", radius, positive=True)
+    event = modes.shape[1:]
+    if modes.dim() < 1 or modes.shape[0] < 1:
+        raise ValueError(f"modes must have shape (M, *site_shape) with M >= 1, got {modes.shape}")
+    if samples.dim() != 1 + len(event) or samples.shape[1:] != event or samples.shape[0] < 1:
+        raise ValueError(
+            f"samples must have shape (N, {', '.join(map(str, event))}) with N >= 1 to match "
+            f"modes of shape {tuple(modes.shape)}, got {tuple(samples.shape)}"
+        )
+    num_modes = modes.shape[0]
+    flat = samples.detach().reshape(samples.shape[0], -1).double()
+    centres = modes.detach().reshape(num_modes, -1).to(flat)
+    dist_ = torch.cdist(flat, centres, compute_mode="donot_use_mm_for_euclid_dist")  # (N, M)
+    nearest_dist, nearest = dist_.min(-1)
+    label = torch.where(nearest_dist < radius, nearest, torch.full_like(nearest, num_modes))
+    counts = torch.bincount(label, minlength=num_modes + 1).double() / flat.shape[0]
+    if not elsewhere:
+        counts = counts[:num_modes]
+    dtype = samples.dtype if samples.is_floating_point() else torch.float64
+    return counts.to(dtype)
+
+
 # ----------------------------------------------------------------------------- Target
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -86,8 +140,8 @@ class Target:
 
     The posterior is measured on one latent site, :attr:`site`. Its modes sit at :attr:`modes`
     and a guide is said to have *found* mode :math:`j` when it puts at least a fraction
-    ``threshold`` of its samples in the ball :math:`\{\,\theta : \|\theta - m_j\|_2 <
-    r\,\}` with :math:`r` = :attr:`radius` (see :meth:`mode_masses` and :meth:`modes_found`).
+    ``threshold`` of its samples nearer to :math:`m_j` than to any other mode and within
+    :math:`r` = :attr:`radius` of it (see :func:`mode_masses` and :meth:`modes_found`).
 
     :param str name: a short name.
     :param callable model: the Pyro model; call it as ``model(*args, **kwargs)``.
@@ -95,12 +149,15 @@ class Target:
     :param dict kwargs: keyword arguments of the model.
     :param str site: the latent site on which modes are located.
     :param torch.Tensor modes: the mode locations, shape ``(M, *site_shape)``.
-    :param float radius: radius of the ball around each mode used by :meth:`mode_masses`.
+    :param float radius: capture radius of a mode, used by :meth:`mode_masses`.
     :param log_z: the log evidence :math:`\log \int p(y, \theta)\, d\theta`, or ``None`` when it
         has no closed form.
     :param reference_masses: the posterior mass in each ball, shape ``(M,)``, or ``None``.
     :param dict truth: the values of the latent sites that generated the data (if any).
     :param str description: one line for tables and plots.
+    :param exact_sampler: ``exact_sampler(N, generator) -> dict`` site name -> exact posterior
+        draws of shape ``(N, *site_shape)`` for every latent site, or ``None`` (see
+        :meth:`sample_exact`).
     """
 
     name: str
@@ -114,8 +171,9 @@ class Target:
     reference_masses: torch.Tensor | None = None
     truth: dict = dataclasses.field(default_factory=dict)
     description: str = ""
+    exact_sampler: Callable[[int, torch.Generator], dict] | None = None
 
-    def __call__(self):
+    def __call__(self) -> object:
         """Run the model on its data (so a :class:`Target` is itself a Pyro model)."""
         return self.model(*self.args, **self.kwargs)
 
@@ -125,25 +183,34 @@ class Target:
         return self.modes.shape[0]
 
     def mode_masses(self, samples: torch.Tensor) -> torch.Tensor:
-        r"""Fraction of ``samples`` of :attr:`site` within :attr:`radius` of each mode.
+        r"""Fraction of ``samples`` of :attr:`site` near each mode (see :func:`mode_masses`).
 
-        .. math:: \hat m_j = \frac1N \sum_{n=1}^N \mathbb{1}\{\|\theta_n - m_j\|_2 < r\}
+        A draw counts toward its nearest mode when it lies within :attr:`radius` of it.
 
         :param torch.Tensor samples: draws of :attr:`site`, shape ``(N, *site_shape)``.
-        :return: shape ``(M,)``, each entry in ``[0, 1]``.
+        :return: shape ``(M,)``, each entry in ``[0, 1]``, in ``samples``' dtype.
         """
-        if not isinstance(samples, torch.Tensor):
-            raise TypeError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
-        event = self.modes.shape[1:]
-        if samples.dim() != 1 + len(event) or samples.shape[1:] != event or samples.shape[0] < 1:
-            raise ValueError(
-                f"samples must have shape (N, {', '.join(map(str, event))}) with N >= 1 for site "
-                f"{self.site!r}, got {tuple(samples.shape)}"
-            )
-        flat = samples.detach().reshape(samples.shape[0], 1, -1)
-        modes = self.modes.to(dtype=flat.dtype, device=flat.device).reshape(1, self.num_modes, -1)
-        inside = (flat - modes).norm(dim=-1) < self.radius
-        return inside.to(flat.dtype).mean(0)
+        return mode_masses(samples, self.modes, self.radius)
+
+    def sample_exact(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Exact draws from the posterior, when the target knows how (:attr:`exact_sampler`).
+
+        :param int num_samples: ``N >= 1``.
+        :param generator: a CPU :class:`torch.Generator`; default a fresh one seeded from torch's
+            global random state.
+        :return: site name -> tensor ``(N, *site_shape)`` (constrained space) for every latent
+            site.
+        :raises ValueError: if the target has no exact sampler.
+        """
+        if self.exact_sampler is None:
+            raise ValueError(f"target {self.name!r} has no exact sampler (exact_sampler is None)")
+        num_samples = check_int("num_samples", num_samples, 1)
+        if generator is None:
+            seed = int(torch.randint(2**62, (), dtype=torch.int64))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        return self.exact_sampler(num_samples, generator)
 
     def modes_found(self, samples: torch.Tensor, threshold: float = 0.1) -> int:
         """Number of modes holding at least ``threshold`` of the samples (see :meth:`mode_masses`).
@@ -169,7 +236,7 @@ class Target:
         ]
         return max(dims, default=0)
 
-    def log_joint_batch(self, values: dict) -> torch.Tensor:
+    def log_joint_batch(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         r"""The unnormalised log posterior :math:`\log p(y, \theta_b)` at a batch of points.
 
         The model runs once, vectorized under an extra plate left of its own plates.
@@ -224,7 +291,7 @@ class Target:
             total = total + lp.reshape(lp.shape[0], -1).sum(-1)
         return total
 
-    def log_joint(self, values: dict) -> torch.Tensor:
+    def log_joint(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         r"""The unnormalised log posterior :math:`\log p(y, \theta)` at one point.
 
         :param dict values: site name -> value for every latent site (constrained space).
@@ -253,7 +320,9 @@ def _check_all_latents_given(trace, values: dict) -> None:
 
 
 # ------------------------------------------------------------------------ sign regression
-def sign_regression_model(x: torch.Tensor, y: torch.Tensor | None = None, prior_scale=3.0):
+def sign_regression_model(
+    x: torch.Tensor, y: torch.Tensor | None = None, prior_scale: float = 3.0
+) -> torch.Tensor:
     r"""A linear regression whose likelihood only sees the slope's magnitude.
 
     .. math::
@@ -317,20 +386,68 @@ def _sign_regression_log_lik_given_sigma(
     )
 
 
-def _sign_regression_log_integral(x, y, prior_scale, lo=0.0, hi=math.inf) -> float:
-    """``log int int_{lo<theta<hi} p(theta) p(sigma) p(y|theta,sigma)``, by quadrature in sigma.
+def _sign_regression_sigma_grid(x, y, prior_scale, lo=0.0, hi=math.inf):
+    """``(u, log_f)``: ``log_f(u) = log int_{lo<theta<hi} p(theta) p(sigma) p(y|theta,sigma)``
+    at ``sigma = exp(u)``, times the Jacobian ``sigma``, on a fine uniform grid ``u`` (float64).
 
-    The sigma integral runs over ``u = log sigma`` on a fine uniform grid (the integrand is smooth
-    and decays like a Gaussian in ``u`` on both sides), in float64.
+    The integrand is smooth in ``u = log sigma`` and decays like a Gaussian on both sides of the
+    grid ``[-12, 5]``, so the grid carries all of its mass.
     """
     x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
     u = torch.linspace(-12.0, 5.0, 40001, dtype=torch.float64)
     sigma = u.exp()
     log_prior = dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(sigma) + u
     log_f = log_prior + _sign_regression_log_lik_given_sigma(x64, y64, prior_scale, sigma, lo, hi)
-    # trapezoid rule in log space (the end points carry negligible mass)
+    return u, log_f
+
+
+def _sign_regression_log_integral(x, y, prior_scale, lo=0.0, hi=math.inf) -> float:
+    """``log int int_{lo<theta<hi} p(theta) p(sigma) p(y|theta,sigma)``, by quadrature in sigma.
+
+    The sigma integral is a sum over the grid of :func:`_sign_regression_sigma_grid` (the
+    trapezoid rule in log space; the end points carry negligible mass).
+    """
+    u, log_f = _sign_regression_sigma_grid(x, y, prior_scale, lo, hi)
     du = float(u[1] - u[0])
     return float(torch.logsumexp(log_f, 0) + math.log(du))
+
+
+def _sign_regression_sampler(
+    x: torch.Tensor, y: torch.Tensor, prior_scale: float, dtype: torch.dtype, device
+) -> Callable[[int, torch.Generator], dict]:
+    r"""Exact posterior draws of ``theta`` and ``sigma`` for :func:`sign_regression_model`.
+
+    :math:`\sigma` by inverse-CDF sampling of its marginal on the grid of
+    :func:`_sign_regression_sigma_grid` (the quadrature behind :math:`\log Z`), then
+    :math:`|\theta| \mid \sigma` from its Gaussian truncated to :math:`\theta > 0` and a fair
+    random sign.
+    """
+    x64, y64 = x.detach().cpu().double(), y.detach().cpu().double()
+    u, log_f = _sign_regression_sigma_grid(x64, y64, prior_scale)
+    probs = (log_f - log_f.logsumexp(0)).exp()
+    du = float(u[1] - u[0])
+    sxx, sxy = float((x64 * x64).sum()), float((x64 * y64).sum())
+    s0 = prior_scale
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        idx = torch.multinomial(probs, num_samples, True, generator=generator)
+        jitter = torch.rand(num_samples, generator=generator, dtype=torch.float64) - 0.5
+        s = (u[idx] + du * jitter).exp()
+        prec = 1.0 / s0**2 + sxx / s**2
+        mean = (sxy / s**2) / prec
+        sd = prec.rsqrt()
+        # |theta| | sigma: N(mean, sd^2) truncated to (0, inf), by inverse CDF
+        lo = torch.special.ndtr(-mean / sd)
+        v = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+        p = (lo + v * (1 - lo)).clamp(1e-300, 1 - 1e-16)
+        magnitude = mean + sd * torch.special.ndtri(p)
+        sign = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
+        return {
+            "theta": (sign * magnitude).to(dtype=dtype, device=device),
+            "sigma": s.to(dtype=dtype, device=device),
+        }
+
+    return sample
 
 
 def sign_regression(
@@ -340,7 +457,7 @@ def sign_regression(
     prior_scale: float = 3.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    device="cpu",
+    device: str | torch.device = "cpu",
 ) -> Target:
     r"""The sign-symmetric regression of :func:`sign_regression_model`, with generated data.
 
@@ -357,7 +474,10 @@ def sign_regression(
         \log Z = \log 2 + \log \int_0^\infty \!\! \int_0^\infty
         p(\theta)\, p(\sigma)\, p(y \mid \theta, \sigma)\, d\theta\, d\sigma,
 
-    and the exact posterior mass of each ball (equal for both modes by symmetry).
+    and the exact posterior mass of each ball (equal for both modes by symmetry). Exact draws
+    (:meth:`Target.sample_exact`): :math:`\sigma` by inverse-CDF sampling of its marginal on the
+    quadrature grid, then :math:`|\theta|` given :math:`\sigma` from its truncated Gaussian and
+    a fair random sign.
 
     :param int num_data: ``N >= 1``.
     :param float slope: :math:`\theta^\star \ne 0`.
@@ -395,6 +515,8 @@ def sign_regression(
         reference_masses=torch.full((2,), ball_mass, dtype=dtype, device=device),
         truth={"theta": slope, "sigma": noise},
         description=f"y ~ N(|theta| x, sigma), {num_data} points, theta* = +-{m:g}",
+        # the posterior of the model as run: the data in ``dtype``
+        exact_sampler=_sign_regression_sampler(x, y, prior_scale, dtype, device),
     )
 
 
@@ -405,7 +527,7 @@ def gaussian_mixture_model(
     scales: torch.Tensor,
     log_z: float = 0.0,
     prior_scale: float = 10.0,
-):
+) -> torch.Tensor:
     r"""A mixture of diagonal Gaussians as a Pyro model with one latent site ``z``.
 
     .. math::
@@ -431,14 +553,31 @@ def gaussian_mixture_model(
     return z
 
 
+def _mixture_sampler(
+    logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
+) -> Callable[[int, torch.Generator], dict]:
+    """Exact draws of ``z`` from the mixture of :func:`gaussian_mixture_model` (float64 inside,
+    returned in the dtype and on the device of ``locs``)."""
+    dtype, device = locs.dtype, locs.device
+    logits, locs, scales = (t.detach().cpu().double() for t in (logits, locs, scales))
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        k = torch.multinomial(logits.softmax(-1), num_samples, True, generator=generator)
+        eps = torch.randn((num_samples, locs.shape[-1]), generator=generator, dtype=torch.float64)
+        z = locs[k] + scales[k] * eps
+        return {"z": z.to(dtype=dtype, device=device)}
+
+    return sample
+
+
 def gaussian_mixture_target(
-    locs=None,
-    scales=0.5,
-    weights=None,
+    locs: torch.Tensor | Sequence | None = None,
+    scales: float | torch.Tensor | Sequence = 0.5,
+    weights: torch.Tensor | Sequence | None = None,
     log_z: float = 0.0,
     radius: float | None = None,
     dtype: torch.dtype = torch.float32,
-    device="cpu",
+    device: str | torch.device = "cpu",
 ) -> Target:
     r"""A Pyro model whose posterior is a given mixture of diagonal Gaussians, with known evidence.
 
@@ -452,14 +591,17 @@ def gaussian_mixture_target(
     :param scales: a positive float, or per-component standard deviations ``(K, D)``.
     :param weights: mixture weights ``(K,)`` (positive; normalised here); default equal.
     :param float log_z: the evidence the model is built to have.
-    :param float radius: ball radius for :meth:`Target.mode_masses`; default three times the
-        largest scale, capped at half the smallest distance between two means.
+    :param float radius: capture radius for :func:`mode_masses`; default three times the
+        largest scale, capped at half the smallest distance between two means (so the balls
+        around the means do not overlap).
     :param dtype: ``torch.float32`` or ``torch.float64``.
     :param device: device of the parameters.
     :return: a :class:`Target` on site ``"z"`` with ``K`` modes. Its
         :attr:`~Target.reference_masses` are :math:`\pi_k` times the Gaussian mass of each ball
         when every component is isotropic (a chi-square CDF), counting only the component's own
-        mass (the others add at most their tail beyond the gap between means); otherwise ``None``.
+        mass (the others add at most their tail beyond the gap between means; an approximation
+        when ``radius`` exceeds half that gap); otherwise ``None``. Its
+        :meth:`~Target.sample_exact` draws the mixture exactly.
     """
     dtype = _check_dtype(dtype)
     device = torch.device(device)
@@ -501,6 +643,7 @@ def gaussian_mixture_target(
     if radius is None:
         radius = min(3.0 * float(scales.max()), 0.5 * min_gap)
     radius = _check_real("radius", radius, positive=True)
+    logits = weights.log()
     reference = None
     isotropic = bool((scales == scales[:, :1]).all())
     if isotropic:
@@ -510,7 +653,7 @@ def gaussian_mixture_target(
     return Target(
         name="gaussian_mixture",
         model=gaussian_mixture_model,
-        args=(weights.log(), locs, scales),
+        args=(logits, locs, scales),
         kwargs={"log_z": log_z},
         site="z",
         modes=locs,
@@ -518,11 +661,12 @@ def gaussian_mixture_target(
         log_z=log_z,
         reference_masses=reference,
         description=f"{k}-component Gaussian mixture in {d}-D",
+        exact_sampler=_mixture_sampler(logits, locs, scales),
     )
 
 
 # ----------------------------------------------------------------------- label switching
-def label_switching_model(y: torch.Tensor, prior_scale: float = 5.0):
+def label_switching_model(y: torch.Tensor, prior_scale: float = 5.0) -> torch.Tensor:
     r"""A two-component Gaussian mixture fitted to 1-D data: label switching makes two modes.
 
     .. math::
@@ -548,12 +692,12 @@ def label_switching_model(y: torch.Tensor, prior_scale: float = 5.0):
 
 def label_switching_mixture(
     num_data: int = 100,
-    means=(-2.0, 2.0),
+    means: tuple[float, float] = (-2.0, 2.0),
     noise: float = 1.0,
     prior_scale: float = 5.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    device="cpu",
+    device: str | torch.device = "cpu",
 ) -> Target:
     r"""Data from a two-component Gaussian mixture, and :func:`label_switching_model` to fit it.
 
