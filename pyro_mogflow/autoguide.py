@@ -381,7 +381,9 @@ class AutoMixtureFlow(AutoContinuous):
         rows = []
         for _ in range(self.num_components):
             with pyro.poutine.block():
-                trace = pyro.poutine.trace(_PriorDraw(draw)(self.model)).get_trace(*args, **kwargs)
+                trace = pyro.poutine.trace(_PriorDraw(draw)(self.model)).get_trace(
+                    *args, **kwargs
+                )
             parts = []
             for name, site in self.prototype_trace.iter_stochastic_nodes():
                 value = trace.nodes[name]["value"].detach()
