@@ -166,7 +166,7 @@ def _check_out(out) -> Path:
 
 # ------------------------------------------------------------------------------ parts
 def demo_target(seed: int = DEFAULT_SEED, device: str | torch.device = "cpu") -> Target:
-    """The demo's model and data: :func:`~pyro_mogflow.models.sign_regression` with ``seed``."""
+    """The demo's model and data: :func:`~pyro_mogflow.examples.targets.sign_regression`."""
     return sign_regression(seed=_check_seed(seed), device=_check_device(device))
 
 
