@@ -43,14 +43,18 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_mogflow.examples import Target, gaussian_mixture_target, sign_regression
+from pyro_mogflow.examples import (
+    Target,
+    gaussian_mixture_model,
+    gaussian_mixture_target,
+    sign_regression,
+)
 
 __all__ = [
     "BenchTarget",
     "GMM40_SEED",
     "TARGETS",
     "build_target",
-    "correlated_mixture_model",
     "funnel10",
     "funnel_model",
     "gmm40",
@@ -214,38 +218,11 @@ def signreg(dtype: torch.dtype = torch.float32) -> BenchTarget:
 
 
 # ------------------------------------------------------------------- correlated mixture
-def correlated_mixture_model(
-    logits: torch.Tensor,
-    locs: torch.Tensor,
-    scale_trils: torch.Tensor,
-    log_z: float = 0.0,
-    prior_scale: float = 10.0,
-) -> torch.Tensor:
-    r"""A mixture of full-covariance Gaussians as a Pyro model with one latent site ``z``.
-
-    .. math::
-        z \sim \mathcal{N}(0, s_0^2 I_D), \qquad
-        \text{factor} = \log \sum_k \pi_k \mathcal{N}(z; \mu_k, L_k L_k^\top)
-        - \log \mathcal{N}(z; 0, s_0^2 I_D) + \log Z,
-
-    so the posterior is the mixture and the evidence is :math:`Z` (as
-    :func:`~pyro_mogflow.examples.gaussian_mixture_model`, with correlated components).
-
-    :param torch.Tensor logits: ``(K,)``. :param torch.Tensor locs: ``(K, D)``.
-    :param torch.Tensor scale_trils: lower Cholesky factors ``(K, D, D)``.
-    """
-    d = locs.shape[-1]
-    zero = torch.zeros(d, dtype=locs.dtype, device=locs.device)
-    prior = dist.Normal(zero, torch.full_like(zero, prior_scale)).to_event(1)
-    z = pyro.sample("z", prior)
-    comp = dist.MultivariateNormal(locs, scale_tril=scale_trils)
-    log_mix = torch.logsumexp(torch.log_softmax(logits, -1) + comp.log_prob(z.unsqueeze(-2)), -1)
-    pyro.factor("target", log_mix - prior.log_prob(z) + log_z)
-    return z
-
-
 def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     r"""Three correlated Gaussians in 10-D with unequal weights 0.5 / 0.3 / 0.2; log Z = 0.
+
+    The model is :func:`~pyro_mogflow.examples.gaussian_mixture_model` with full-covariance
+    components (Cholesky factors in place of scales).
 
     Means: three points drawn :math:`\mathcal{N}(0, 4^2 I)` (seed :data:`MIX10_SEED`), at
     least 14 apart. Covariances :math:`\Sigma_k = 0.3 I + A_k A_k^\top` with
@@ -271,7 +248,7 @@ def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
 
     target = Target(
         name="mix10",
-        model=correlated_mixture_model,
+        model=gaussian_mixture_model,
         args=(weights.log().to(dtype), locs.to(dtype), tril.to(dtype)),
         kwargs={"log_z": 0.0},
         site="z",

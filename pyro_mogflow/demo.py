@@ -8,48 +8,15 @@ issues a :class:`DeprecationWarning`.
 
 import warnings
 
-from .examples.demo import (
-    DEFAULT_OUT,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    LEARNING_RATE,
-    MODE_THRESHOLD,
-    NUM_EVAL_SAMPLES,
-    DemoResult,
-    GuideReport,
-    demo_target,
-    evaluate_guide,
-    fit_guide,
-    format_table,
-    make_guides,
-    plot_posteriors,
-    run_demo,
-)
+from .examples import demo as _demo
+from .examples.demo import *  # noqa: F403 (re-exported under the old path)
 
 #: Deprecated alias of :func:`pyro_mogflow.examples.demo.fit_guide`.
-fit = fit_guide
+fit = _demo.fit_guide
 #: Deprecated alias of :func:`pyro_mogflow.examples.demo.evaluate_guide`.
-evaluate = evaluate_guide
+evaluate = _demo.evaluate_guide
 
-__all__ = [
-    "DEFAULT_STEPS",
-    "DEFAULT_SEED",
-    "DEFAULT_OUT",
-    "LEARNING_RATE",
-    "MODE_THRESHOLD",
-    "NUM_EVAL_SAMPLES",
-    "GuideReport",
-    "DemoResult",
-    "demo_target",
-    "make_guides",
-    "fit_guide",
-    "evaluate_guide",
-    "fit",
-    "evaluate",
-    "format_table",
-    "plot_posteriors",
-    "run_demo",
-]
+__all__ = [*_demo.__all__, "fit", "evaluate"]
 
 warnings.warn(
     "pyro_mogflow.demo is deprecated and will be removed in the next release; import from "

@@ -6,27 +6,10 @@ public names (importing it issues a :class:`DeprecationWarning`).
 
 import warnings
 
-from .examples.targets import (
-    Target,
-    gaussian_mixture_model,
-    gaussian_mixture_target,
-    label_switching_mixture,
-    label_switching_model,
-    mode_masses,
-    sign_regression,
-    sign_regression_model,
-)
+from .examples import targets as _targets
+from .examples.targets import *  # noqa: F403 (re-exported under the old path)
 
-__all__ = [
-    "Target",
-    "gaussian_mixture_model",
-    "gaussian_mixture_target",
-    "label_switching_mixture",
-    "label_switching_model",
-    "mode_masses",
-    "sign_regression",
-    "sign_regression_model",
-]
+__all__ = list(_targets.__all__)
 
 warnings.warn(
     "pyro_mogflow.models is deprecated and will be removed in the next release; import from "

@@ -11,24 +11,7 @@ The targets are re-exported here; import the demo from its module (it needs matp
 plot).
 """
 
-from .targets import (
-    Target,
-    gaussian_mixture_model,
-    gaussian_mixture_target,
-    label_switching_mixture,
-    label_switching_model,
-    mode_masses,
-    sign_regression,
-    sign_regression_model,
-)
+from . import targets
+from .targets import *  # noqa: F403 (the public names of the targets module)
 
-__all__ = [
-    "Target",
-    "gaussian_mixture_model",
-    "gaussian_mixture_target",
-    "label_switching_mixture",
-    "label_switching_model",
-    "mode_masses",
-    "sign_regression",
-    "sign_regression_model",
-]
+__all__ = list(targets.__all__)

@@ -528,27 +528,38 @@ def gaussian_mixture_model(
     log_z: float = 0.0,
     prior_scale: float = 10.0,
 ) -> torch.Tensor:
-    r"""A mixture of diagonal Gaussians as a Pyro model with one latent site ``z``.
+    r"""A mixture of Gaussians as a Pyro model with one latent site ``z``.
 
     .. math::
         z \sim \mathcal{N}(0, s_0^2 I_D), \qquad
-        \text{factor} = \log \sum_k \pi_k \mathcal{N}(z; \mu_k, \operatorname{diag}\sigma_k^2)
+        \text{factor} = \log \sum_k \pi_k \mathcal{N}(z; \mu_k, \Sigma_k)
         - \log \mathcal{N}(z; 0, s_0^2 I_D) + \log Z,
 
     so the joint density is exactly :math:`Z` times the mixture density and the evidence is
     :math:`Z`. The broad prior only serves Pyro's initialisation (it is cancelled by the factor).
+    The components are diagonal, :math:`\Sigma_k = \operatorname{diag}\sigma_k^2`, when
+    ``scales`` has shape ``(K, D)``, and full, :math:`\Sigma_k = L_k L_k^\top`, when it holds
+    lower Cholesky factors of shape ``(K, D, D)``.
 
     :param torch.Tensor logits: shape ``(K,)``.
     :param torch.Tensor locs: shape ``(K, D)``.
-    :param torch.Tensor scales: shape ``(K, D)``.
+    :param torch.Tensor scales: standard deviations ``(K, D)`` or Cholesky factors
+        ``(K, D, D)``.
     :param float log_z: :math:`\log Z`.
     :param float prior_scale: :math:`s_0`.
+    :return: ``z``, shape ``(*particles, D)``.
     """
     d = locs.shape[-1]
     zero = torch.zeros(d, dtype=locs.dtype, device=locs.device)
     prior = dist.Normal(zero, torch.full_like(zero, prior_scale)).to_event(1)
     z = pyro.sample("z", prior)
-    log_target = mixture_log_prob(z, logits, locs, scales)
+    if scales.dim() == locs.dim() + 1:
+        comp = dist.MultivariateNormal(locs, scale_tril=scales)
+        log_target = torch.logsumexp(
+            torch.log_softmax(logits, -1) + comp.log_prob(z.unsqueeze(-2)), -1
+        )
+    else:
+        log_target = mixture_log_prob(z, logits, locs, scales)
     pyro.factor("target", log_target - prior.log_prob(z) + log_z)
     return z
 
