@@ -189,10 +189,20 @@ def fit_guide(
     desc: str = "",
     progress: bool = True,
 ) -> tuple[float, list]:
-    """Fit ``guide`` to ``target``, with a tqdm progress bar: an AutoMixtureFlow by
+    """Fit one ``guide`` to ``target``, with a tqdm progress bar: an AutoMixtureFlow by
     :func:`pyro_mogflow.fit` with its defaults, any other guide by SVI (Adam, ``Trace_ELBO``).
 
-    :return: ``(seconds, losses)``; ``losses`` has one SVI loss per step.
+    (Not :func:`pyro_mogflow.fit`, the mode-finding recipe: this is the demo's training of each
+    guide it compares; the old name ``pyro_mogflow.demo.fit`` is a deprecated alias.)
+
+    :param Target target: the model and its data.
+    :param guide: a Pyro guide for ``target.model``.
+    :param int steps: optimisation steps (``>= 1``).
+    :param float lr: Adam learning rate.
+    :param str desc: label of the progress bar and of errors.
+    :param bool progress: show the progress bar (on stderr).
+    :return: ``(seconds, losses)``: the wall-clock time of the fit and one SVI loss per step
+        (a list of length ``steps``).
     :raises RuntimeError: if the loss becomes NaN or infinite (the step is named).
     """
     steps = _check_steps(steps)
@@ -236,8 +246,13 @@ def evaluate_guide(target: Target, guide: Callable, num_samples: int = NUM_EVAL_
 
     Draws ``num_samples`` vectorized samples from the guide and computes the log weights
     :math:`w_n = \log p(y, z_n) - \log q(z_n)`; the ELBO is their mean, its standard error
-    their standard deviation over :math:`\sqrt{N}`.
+    their standard deviation over :math:`\sqrt{N}`. The mode masses are
+    :meth:`Target.mode_masses <pyro_mogflow.examples.targets.Target.mode_masses>` of the draws of
+    ``target.site``; a mode is found when it holds at least :data:`MODE_THRESHOLD` of them.
 
+    :param Target target: the model and its data.
+    :param guide: a fitted Pyro guide for ``target.model``.
+    :param int num_samples: ``N``, guide draws.
     :return: dict with ``"elbo"``, ``"elbo_se"``, ``"samples"`` (site -> CPU tensor
         ``(num_samples, *site_shape)``), ``"mode_masses"`` (list, length ``M``) and
         ``"modes_found"``.
