@@ -1,6 +1,6 @@
 r"""The main job, ``python -m pyro_mogflow demo``: two guides on a posterior with two modes.
 
-The model is :func:`pyro_mogflow.examples.targets.sign_regression`: a regression
+The model is :func:`pyro_mogflow.examples.sign_regression`: a regression
 :math:`y_i \sim \mathcal{N}(|\theta|\, x_i, \sigma^2)` whose likelihood cannot tell the sign of
 :math:`\theta`, so the posterior has two mirror modes of equal mass near
 :math:`\theta = \pm\theta^\star`, and a positive site :math:`\sigma`. Its evidence
@@ -9,7 +9,7 @@ The model is :func:`pyro_mogflow.examples.targets.sign_regression`: a regression
 The demo fits it with Pyro's :class:`~pyro.infer.autoguide.AutoNormal` and with
 :class:`~pyro_mogflow.AutoMixtureFlow`, then reports for each guide
 
-* the guide's mass near each mode (:func:`~pyro_mogflow.examples.targets.mode_masses`): the
+* the guide's mass near each mode (:func:`~pyro_mogflow.examples.mode_masses`): the
   fraction of its samples with :math:`|\theta - m_j| < |\theta^\star| / 2` (half the gap
   between the modes), and the number
   of *modes found*, i.e. modes holding at least :data:`MODE_THRESHOLD` of the samples (the
@@ -53,7 +53,8 @@ from pyro_mogflow import AutoMixtureFlow
 from pyro_mogflow import fit as fit_mixture
 from pyro_mogflow._validation import check_int
 
-from .targets import Target, sign_regression
+from .regression import sign_regression
+from .targets import Target
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -166,7 +167,7 @@ def _check_out(out) -> Path:
 
 # ------------------------------------------------------------------------------ parts
 def demo_target(seed: int = DEFAULT_SEED, device: str | torch.device = "cpu") -> Target:
-    """The demo's model and data: :func:`~pyro_mogflow.examples.targets.sign_regression`."""
+    """The demo's model and data: :func:`~pyro_mogflow.examples.sign_regression`."""
     return sign_regression(seed=_check_seed(seed), device=_check_device(device))
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from pyro_mogflow.__main__ import main
-from pyro_mogflow.examples import demo
-from pyro_mogflow.examples.targets import gaussian_mixture_target
+from pyro_mogflow.examples import demo, gaussian_mixture_target
 
 ROOT = Path(__file__).resolve().parents[2]
 

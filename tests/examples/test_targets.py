@@ -1,4 +1,4 @@
-"""Built-in targets (pyro_mogflow.examples.targets): ground truth checked against brute force."""
+"""Built-in targets (pyro_mogflow.examples): ground truth checked against brute force."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_mogflow.examples.targets import (
+from pyro_mogflow.examples import (
     Target,
     gaussian_mixture_target,
     label_switching_mixture,
