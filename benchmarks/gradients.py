@@ -52,8 +52,8 @@ from pyro.distributions.transforms import affine_autoregressive
 from scipy import stats
 from tqdm.auto import tqdm
 
+from pyro_mogflow import mixture_log_prob
 from pyro_mogflow.distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals
-from pyro_mogflow.distributions.density import mixture_log_prob
 
 __all__ = ["ESTIMATORS", "Case", "build_cases", "run_case", "main"]
 

@@ -10,8 +10,9 @@ With :math:`S` draws :math:`\theta_s \sim q` and log weights
   \log q(\theta'_s)]`: the negative log-likelihood of true draws up to a constant; it needs
   :math:`q`'s density at points :math:`q` did not draw, so the guide must be invertible
   (every guide of the benchmark is);
-* mode masses (:func:`mode_bins`): the fraction of draws nearest to each mode and within the
-  target's capture radius of it, plus an "elsewhere" bin; a mode is *covered* when :math:`q`
+* mode masses (:func:`pyro_mogflow.examples.mode_masses`, the metric the demo and the
+  tutorials use): the fraction of draws nearest to each mode and within the target's capture
+  radius of it, plus an "elsewhere" bin; a mode is *covered* when :math:`q`
   puts more than 20% of its true mass there, and the *mass TV* is the total-variation distance
   between the bins of :math:`q` and of the posterior (:math:`\tfrac12 \sum_j |q_j - p_j|`);
 * the importance-sampling evidence :math:`\log \hat Z = \log \frac1S \sum_s w_s` minus the
@@ -33,35 +34,16 @@ from pyro.infer.autoguide import AutoContinuous, AutoNormal
 from pyro.infer.importance import vectorized_importance_weights
 from torch.distributions import biject_to
 
-from pyro_mogflow.autoguide import AutoMixtureFlow
+from pyro_mogflow import AutoMixtureFlow
 from pyro_mogflow.diagnostics import psis
+from pyro_mogflow.examples import mode_masses
 
 from .targets import BenchTarget
 
-__all__ = ["COVER_FRACTION", "evaluate", "exact_mixture", "guide_log_density", "mode_bins"]
+__all__ = ["COVER_FRACTION", "evaluate", "exact_mixture", "guide_log_density"]
 
 #: A mode is covered when q puts more than this fraction of the mode's true mass near it.
 COVER_FRACTION = 0.2
-
-
-def mode_bins(samples: torch.Tensor, modes: torch.Tensor, radius: float) -> torch.Tensor:
-    r"""Fraction of ``samples`` assigned to each mode, and to "elsewhere".
-
-    A point goes to its nearest mode (Euclidean) when it lies within ``radius`` of it, else to
-    the last bin.
-
-    :param torch.Tensor samples: shape ``(N, *site_shape)``.
-    :param torch.Tensor modes: shape ``(M, *site_shape)``.
-    :param float radius: capture radius.
-    :return: shape ``(M + 1,)``, summing to one.
-    """
-    flat = samples.detach().reshape(samples.shape[0], -1).double()
-    centres = modes.detach().reshape(modes.shape[0], -1).to(flat)
-    dist = torch.cdist(flat, centres)  # (N, M)
-    nearest = dist.argmin(-1)
-    inside = dist.gather(-1, nearest.unsqueeze(-1)).squeeze(-1) < radius
-    label = torch.where(inside, nearest, torch.full_like(nearest, modes.shape[0]))
-    return torch.bincount(label, minlength=modes.shape[0] + 1).double() / flat.shape[0]
 
 
 @contextlib.contextmanager
@@ -131,7 +113,9 @@ def evaluate(
     :param guide: the fitted guide (already run once on the target).
     :param BenchTarget bench: the target.
     :param dict true_samples: exact posterior draws, site -> ``(S', *site_shape)``.
-    :param true_bins: :func:`mode_bins` of a large exact sample, or ``None`` if unimodal.
+    :param true_bins: mode masses of a large exact sample, with the "elsewhere" bin last
+        (:func:`pyro_mogflow.examples.mode_masses` with ``elsewhere=True``), or ``None`` if
+        unimodal.
     :param int num_samples: ``S``, draws of the guide.
     :param int num_plot: how many guide draws of the plotted sites to return (for 2-D plots).
     :return: a dict of floats (and lists), JSON-ready.
@@ -175,7 +159,9 @@ def evaluate(
         for name, site, target_shape in _latent_sites(guide_trace, true_samples)
     }
     if bench.multimodal:
-        bins = mode_bins(values[target.site], target.modes, bench.capture_radius)
+        bins = mode_masses(
+            values[target.site].double(), target.modes, bench.capture_radius, elsewhere=True
+        )
         ref = true_bins.to(bins)
         m = target.num_modes
         covered = bins[:m] > COVER_FRACTION * ref[:m]

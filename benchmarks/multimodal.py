@@ -47,9 +47,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_mogflow import AutoMixtureFlow, fit
+from pyro_mogflow.examples import mode_masses
 
 from .guides import FLOW, GUIDES
-from .metrics import evaluate, mode_bins
+from .metrics import evaluate
 from .targets import TARGETS, build_target
 
 __all__ = ["SUITES", "Suite", "main", "run_job", "summarise", "check_goals"]
@@ -104,7 +105,7 @@ def _truth(name: str):
     bins = None
     if bench.multimodal:
         big = bench.sample(NUM_TRUE_BINS, gen)[bench.target.site]
-        bins = mode_bins(big, bench.target.modes, bench.capture_radius)
+        bins = mode_masses(big.double(), bench.target.modes, bench.capture_radius, elsewhere=True)
     return bench, true_samples, bins
 
 

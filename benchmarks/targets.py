@@ -1,8 +1,11 @@
 r"""Targets of the multimodal benchmark: Pyro models with known ground truth.
 
-Each builder returns a :class:`BenchTarget`: a :class:`~pyro_mogflow.models.Target` (the Pyro
-model, its data, the modes, the exact :math:`\log Z`) plus an exact sampler of the posterior, so
-the benchmark can measure the forward KL and the true mass near each mode.
+Each builder returns a :class:`BenchTarget`: a :class:`~pyro_mogflow.examples.Target` (the Pyro
+model, its data, the modes and their capture radius, the exact :math:`\log Z` and an exact
+sampler of the posterior, so the benchmark can measure the forward KL and the true mass near each
+mode), plus how the benchmark scores and plots it. The targets are those of
+:mod:`pyro_mogflow.examples` (the same ones the demo and the tutorials use), and the mass near a
+mode is :func:`pyro_mogflow.examples.mode_masses`.
 
 =============  ====  ===========================================================================
 name           D     posterior
@@ -13,12 +16,12 @@ name           D     posterior
                      means uniform on :math:`[-40, 40]^2` (Midgley et al. 2023)
 ``funnel10``   10    Neal's funnel: unimodal, scale varying by orders of magnitude
 ``signreg``    2     :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`: two mirror modes, a positive
-                     site, observed data (:func:`~pyro_mogflow.models.sign_regression`)
+                     site, observed data (:func:`~pyro_mogflow.examples.sign_regression`)
 ``mix10``      10    3 correlated Gaussians with weights 0.5 / 0.3 / 0.2
 =============  ====  ===========================================================================
 
 The mixtures are written with ``pyro.factor`` on a broad Gaussian "prior" that the factor cancels
-(:func:`~pyro_mogflow.models.gaussian_mixture_model`), so the posterior is exactly the mixture and
+(:func:`~pyro_mogflow.examples.gaussian_mixture_model`), so the posterior is exactly the mixture and
 :math:`\log Z` = 0. The prior plays the role a prior plays in a real model: it says where the
 latent can live (guides that initialise from the prior use it). For ``gmm40`` its standard
 deviation is 25, about that of the uniform law on :math:`[-40, 40]` the means are drawn from.
@@ -40,9 +43,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_mogflow.models import (
+from pyro_mogflow.examples import (
     Target,
-    _sign_regression_log_lik_given_sigma,
+    gaussian_mixture_model,
     gaussian_mixture_target,
     sign_regression,
 )
@@ -52,7 +55,6 @@ __all__ = [
     "GMM40_SEED",
     "TARGETS",
     "build_target",
-    "correlated_mixture_model",
     "funnel10",
     "funnel_model",
     "gmm40",
@@ -70,31 +72,34 @@ MIX10_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class BenchTarget:
-    """A benchmark target: a Pyro model with known evidence, modes and an exact sampler.
+    """A benchmark case: a :class:`~pyro_mogflow.examples.Target` with an exact sampler, and how
+    the benchmark scores and plots it.
 
     :param str name: short key (a column of the table).
-    :param Target target: the model, its data, modes (on :attr:`Target.site`), radius, log Z.
-    :param callable sample: ``sample(num_samples, generator) -> dict`` site name -> exact
-        posterior draws, shape ``(N, *site_shape)`` (constrained space).
+    :param Target target: the model, its data, modes (on :attr:`Target.site`), capture radius,
+        log Z and exact sampler.
     :param bool multimodal: whether mode coverage and mode masses are scored.
-    :param float radius: capture radius of a mode: a point counts toward the nearest mode when
-        it lies within this distance of it, else toward "elsewhere" (see
-        :func:`benchmarks.metrics.mode_bins`). Default :attr:`Target.radius`.
     :param plot: for targets with two latent dimensions, ``(x_site, x_index, y_site, y_index,
         (x_lo, x_hi), (y_lo, y_hi))``: what to put on each axis of the 2-D plot; else ``None``.
     """
 
     name: str
     target: Target
-    sample: Callable[[int, torch.Generator], dict]
     multimodal: bool = True
     plot: tuple | None = None
-    radius: float | None = None
+
+    def __post_init__(self):
+        if self.target.exact_sampler is None:
+            raise ValueError(f"benchmark target {self.name!r} needs an exact sampler")
+
+    def sample(self, num_samples: int, generator: torch.Generator) -> dict:
+        """Exact posterior draws: site name -> ``(num_samples, *site_shape)``."""
+        return self.target.sample_exact(num_samples, generator)
 
     @property
     def capture_radius(self) -> float:
-        """The radius used to assign points to modes (see :attr:`radius`)."""
-        return float(self.target.radius if self.radius is None else self.radius)
+        """The radius used to assign points to modes: :attr:`Target.radius`."""
+        return float(self.target.radius)
 
     @property
     def description(self) -> str:
@@ -104,19 +109,6 @@ class BenchTarget:
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
-
-
-def _mixture_sampler(target: Target) -> Callable[[int, torch.Generator], dict]:
-    """Exact sampler of a :func:`~pyro_mogflow.models.gaussian_mixture_target` posterior."""
-    logits, locs, scales = (t.detach().cpu().double() for t in target.args)
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        k = torch.multinomial(logits.softmax(-1), num_samples, True, generator=generator)
-        eps = torch.randn((num_samples, locs.shape[-1]), generator=generator, dtype=torch.float64)
-        z = locs[k] + scales[k] * eps
-        return {"z": z.to(dtype=target.modes.dtype, device=target.modes.device)}
-
-    return sample
 
 
 def _box(locs: torch.Tensor, margin: float) -> tuple:
@@ -134,7 +126,7 @@ def grid9(dtype: torch.dtype = torch.float32) -> BenchTarget:
     target = dataclasses.replace(
         target, name="grid9", description="3x3 grid of Gaussians at {-5,0,5}^2, std 0.5"
     )
-    return BenchTarget("grid9", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+    return BenchTarget("grid9", target, plot=_box(locs, 3.0))
 
 
 def ring8(dtype: torch.dtype = torch.float32) -> BenchTarget:
@@ -145,7 +137,7 @@ def ring8(dtype: torch.dtype = torch.float32) -> BenchTarget:
     target = dataclasses.replace(
         target, name="ring8", description="8 Gaussians on a circle of radius 6, std 0.5"
     )
-    return BenchTarget("ring8", target, _mixture_sampler(target), plot=_box(locs, 3.0))
+    return BenchTarget("ring8", target, plot=_box(locs, 3.0))
 
 
 def gmm40(dtype: torch.dtype = torch.float32) -> BenchTarget:
@@ -158,22 +150,22 @@ def gmm40(dtype: torch.dtype = torch.float32) -> BenchTarget:
     u = torch.rand((40, 2), generator=_generator(GMM40_SEED), dtype=torch.float32)
     locs = ((u - 0.5) * 80.0).to(dtype)
     scale = math.log1p(math.e)  # softplus(1)
-    target = gaussian_mixture_target(locs, scales=scale, dtype=dtype)
+    # Some means lie closer than 3 std to each other, so the default radius (half the smallest
+    # gap) would be tiny; a draw is captured within 3 std of its nearest mean instead.
+    target = gaussian_mixture_target(locs, scales=scale, radius=3 * scale, dtype=dtype)
     target = dataclasses.replace(
         target,
         name="gmm40",
         kwargs={**target.kwargs, "prior_scale": 25.0},
         description="40 Gaussians, means uniform on [-40,40]^2, std softplus(1)",
     )
-    # Some means lie closer than 3 std to each other, so the Target's ball radius (half the
-    # smallest gap) is tiny; modes are captured within 3 std of the nearest mean instead.
-    return BenchTarget(
-        "gmm40", target, _mixture_sampler(target), plot=_box(locs, 6.0), radius=3 * scale
-    )
+    return BenchTarget("gmm40", target, plot=_box(locs, 6.0))
 
 
 # ------------------------------------------------------------------------------ funnel
-def funnel_model(dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.float32):
+def funnel_model(
+    dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""Neal's funnel in ``dim`` dimensions, as a Pyro model (no data).
 
     .. math:: v \sim \mathcal{N}(0, 3^2), \qquad x_i \mid v \sim \mathcal{N}(0, e^{v}),
@@ -189,6 +181,12 @@ def funnel_model(dim: int = 10, scale: float = 3.0, dtype: torch.dtype = torch.f
 
 def funnel10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     """Neal's funnel in 10-D: unimodal with hard geometry (mixtures must not hurt here)."""
+
+    def sample(num_samples: int, generator: torch.Generator) -> dict:
+        v = 3.0 * torch.randn(num_samples, generator=generator, dtype=torch.float64)
+        x = torch.randn((num_samples, 9), generator=generator, dtype=torch.float64)
+        return {"v": v.to(dtype), "x": (x * (v / 2).exp().unsqueeze(-1)).to(dtype)}
+
     target = Target(
         name="funnel10",
         model=funnel_model,
@@ -199,91 +197,32 @@ def funnel10(dtype: torch.dtype = torch.float32) -> BenchTarget:
         radius=1e6,
         log_z=0.0,
         description="Neal's funnel in 10-D, v ~ N(0, 3^2)",
+        exact_sampler=sample,
     )
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        v = 3.0 * torch.randn(num_samples, generator=generator, dtype=torch.float64)
-        x = torch.randn((num_samples, 9), generator=generator, dtype=torch.float64)
-        return {"v": v.to(dtype), "x": (x * (v / 2).exp().unsqueeze(-1)).to(dtype)}
-
-    return BenchTarget("funnel10", target, sample, multimodal=False)
+    return BenchTarget("funnel10", target, multimodal=False)
 
 
 # ---------------------------------------------------------------------- sign regression
 def signreg(dtype: torch.dtype = torch.float32) -> BenchTarget:
     r"""The sign-symmetric regression :math:`y \sim \mathcal{N}(|\theta| x, \sigma)`.
 
-    :func:`~pyro_mogflow.models.sign_regression` with its defaults (40 points, slope 1.5,
-    noise 0.5, seed 0). Exact draws: :math:`\sigma` by inverse-CDF sampling of its marginal on
-    a fine grid of :math:`\log\sigma` (the quadrature behind :math:`\log Z`), then
-    :math:`|\theta| \mid \sigma` from its Gaussian truncated to :math:`\theta > 0` and a fair
-    random sign.
+    :func:`~pyro_mogflow.examples.sign_regression` with its defaults (40 points, slope 1.5,
+    noise 0.5, seed 0), and its exact sampler (inverse-CDF draws of :math:`\sigma` on the
+    quadrature grid behind :math:`\log Z`, then :math:`|\theta|` given :math:`\sigma` and a
+    fair random sign).
     """
-    target = sign_regression(dtype=dtype)
-    target = dataclasses.replace(target, name="signreg")
-    x, y = (t.detach().cpu().double() for t in target.args)
-    s0 = float(target.kwargs["prior_scale"])
-    u = torch.linspace(-12.0, 5.0, 40001, dtype=torch.float64)
-    sigma = u.exp()
-    log_prior = dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(sigma) + u
-    log_f = log_prior + _sign_regression_log_lik_given_sigma(x, y, s0, sigma, 0.0, math.inf)
-    probs = (log_f - log_f.logsumexp(0)).exp()
-    du = float(u[1] - u[0])
-    sxx, sxy = float((x * x).sum()), float((x * y).sum())
-
-    def sample(num_samples: int, generator: torch.Generator) -> dict:
-        idx = torch.multinomial(probs, num_samples, True, generator=generator)
-        jitter = torch.rand(num_samples, generator=generator, dtype=torch.float64) - 0.5
-        s = (u[idx] + du * jitter).exp()
-        prec = 1.0 / s0**2 + sxx / s**2
-        mean = (sxy / s**2) / prec
-        sd = prec.rsqrt()
-        # |theta| | sigma: N(mean, sd^2) truncated to (0, inf), by inverse CDF
-        lo = torch.special.ndtr(-mean / sd)
-        v = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-        p = (lo + v * (1 - lo)).clamp(1e-300, 1 - 1e-16)
-        magnitude = mean + sd * torch.special.ndtri(p)
-        sign = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
-        return {"theta": (sign * magnitude).to(dtype), "sigma": s.to(dtype)}
-
+    target = dataclasses.replace(sign_regression(dtype=dtype), name="signreg")
     return BenchTarget(
-        "signreg", target, sample, plot=("theta", None, "sigma", None, (-2.5, 2.5), (0.25, 1.0))
+        "signreg", target, plot=("theta", None, "sigma", None, (-2.5, 2.5), (0.25, 1.0))
     )
 
 
 # ------------------------------------------------------------------- correlated mixture
-def correlated_mixture_model(
-    logits: torch.Tensor,
-    locs: torch.Tensor,
-    scale_trils: torch.Tensor,
-    log_z: float = 0.0,
-    prior_scale: float = 10.0,
-):
-    r"""A mixture of full-covariance Gaussians as a Pyro model with one latent site ``z``.
-
-    .. math::
-        z \sim \mathcal{N}(0, s_0^2 I_D), \qquad
-        \text{factor} = \log \sum_k \pi_k \mathcal{N}(z; \mu_k, L_k L_k^\top)
-        - \log \mathcal{N}(z; 0, s_0^2 I_D) + \log Z,
-
-    so the posterior is the mixture and the evidence is :math:`Z` (as
-    :func:`~pyro_mogflow.models.gaussian_mixture_model`, with correlated components).
-
-    :param torch.Tensor logits: ``(K,)``. :param torch.Tensor locs: ``(K, D)``.
-    :param torch.Tensor scale_trils: lower Cholesky factors ``(K, D, D)``.
-    """
-    d = locs.shape[-1]
-    zero = torch.zeros(d, dtype=locs.dtype, device=locs.device)
-    prior = dist.Normal(zero, torch.full_like(zero, prior_scale)).to_event(1)
-    z = pyro.sample("z", prior)
-    comp = dist.MultivariateNormal(locs, scale_tril=scale_trils)
-    log_mix = torch.logsumexp(torch.log_softmax(logits, -1) + comp.log_prob(z.unsqueeze(-2)), -1)
-    pyro.factor("target", log_mix - prior.log_prob(z) + log_z)
-    return z
-
-
 def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     r"""Three correlated Gaussians in 10-D with unequal weights 0.5 / 0.3 / 0.2; log Z = 0.
+
+    The model is :func:`~pyro_mogflow.examples.gaussian_mixture_model` with full-covariance
+    components (Cholesky factors in place of scales).
 
     Means: three points drawn :math:`\mathcal{N}(0, 4^2 I)` (seed :data:`MIX10_SEED`), at
     least 14 apart. Covariances :math:`\Sigma_k = 0.3 I + A_k A_k^\top` with
@@ -300,17 +239,6 @@ def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
     gaps = torch.cdist(locs, locs) + torch.eye(3, dtype=torch.float64) * 1e9
     if not float(gaps.min()) > 14:
         raise RuntimeError(f"MIX10_SEED={MIX10_SEED} gives means closer than 14")
-    target = Target(
-        name="mix10",
-        model=correlated_mixture_model,
-        args=(weights.log().to(dtype), locs.to(dtype), tril.to(dtype)),
-        kwargs={"log_z": 0.0},
-        site="z",
-        modes=locs.to(dtype),
-        radius=5.0,
-        log_z=0.0,
-        description="3 correlated Gaussians in 10-D, weights 0.5/0.3/0.2",
-    )
 
     def sample(num_samples: int, generator: torch.Generator) -> dict:
         k = torch.multinomial(weights, num_samples, True, generator=generator)
@@ -318,7 +246,19 @@ def mix10(dtype: torch.dtype = torch.float32) -> BenchTarget:
         z = locs[k] + (tril[k] @ eps).squeeze(-1)
         return {"z": z.to(dtype)}
 
-    return BenchTarget("mix10", target, sample)
+    target = Target(
+        name="mix10",
+        model=gaussian_mixture_model,
+        args=(weights.log().to(dtype), locs.to(dtype), tril.to(dtype)),
+        kwargs={"log_z": 0.0},
+        site="z",
+        modes=locs.to(dtype),
+        radius=5.0,
+        log_z=0.0,
+        description="3 correlated Gaussians in 10-D, weights 0.5/0.3/0.2",
+        exact_sampler=sample,
+    )
+    return BenchTarget("mix10", target)
 
 
 #: name -> builder ``(dtype) -> BenchTarget``; the order of the table's columns.

@@ -34,7 +34,7 @@ _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subcommand per job (``demo``)."""
-    from . import demo
+    from .examples import demo
 
     parser = argparse.ArgumentParser(
         prog="python -m pyro_mogflow",
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         import torch
 
-        from .demo import _check_out, run_demo
+        from .examples.demo import _check_out, run_demo
 
         if args.device == "cuda" and not torch.cuda.is_available():
             args.command_parser.error(

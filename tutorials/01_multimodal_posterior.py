@@ -45,7 +45,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_feasible
 
 from pyro_mogflow import fit as fit_mixture
-from pyro_mogflow.models import sign_regression, sign_regression_model
+from pyro_mogflow.examples import sign_regression, sign_regression_model
 
 FAST = os.environ.get("PYRO_MOGFLOW_FAST", "") == "1"
 STEPS = 30 if FAST else 1500

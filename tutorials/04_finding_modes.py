@@ -47,8 +47,8 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_mogflow import AutoMixtureFlow, fit
+from pyro_mogflow.examples import gaussian_mixture_target, sign_regression
 from pyro_mogflow.infer import default_beta_schedule
-from pyro_mogflow.models import gaussian_mixture_target, sign_regression
 
 FAST = os.environ.get("PYRO_MOGFLOW_FAST", "") == "1"
 STEPS = 80 if FAST else 2000

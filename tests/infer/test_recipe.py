@@ -10,8 +10,8 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_mogflow import AutoMixtureFlow, FitResult, balance_weights, fit
 from pyro_mogflow.distributions import mixture_log_prob
+from pyro_mogflow.examples import gaussian_mixture_target
 from pyro_mogflow.infer import default_beta_schedule, mixture_weights, recipe  # noqa: E402
-from pyro_mogflow.models import gaussian_mixture_target
 
 DTYPES = [torch.float32, torch.float64]
 

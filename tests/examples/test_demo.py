@@ -12,11 +12,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_mogflow import demo
 from pyro_mogflow.__main__ import main
-from pyro_mogflow.models import gaussian_mixture_target
+from pyro_mogflow.examples import demo, gaussian_mixture_target
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, cwd=None, timeout=180):
@@ -185,7 +184,7 @@ def test_evaluate_gives_log_z_and_exact_masses_for_the_exact_posterior():
         pyro.sample("z", mix)
 
     pyro.set_rng_seed(0)
-    ev = demo.evaluate(target, exact_guide, num_samples=20000)
+    ev = demo.evaluate_guide(target, exact_guide, num_samples=20000)
     assert ev["elbo"] == pytest.approx(0.8, abs=1e-9)
     assert ev["elbo_se"] == pytest.approx(0.0, abs=1e-9)
     ref = target.reference_masses
@@ -193,6 +192,17 @@ def test_evaluate_gives_log_z_and_exact_masses_for_the_exact_posterior():
     assert bool(((torch.tensor(ev["mode_masses"], dtype=ref.dtype) - ref).abs() < 4 * se).all())
     assert ev["modes_found"] == 4
     assert ev["samples"]["z"].shape == (20000, 2)
+
+
+def test_old_module_path_keeps_the_old_names_with_a_deprecation_warning():
+    import importlib
+
+    sys.modules.pop("pyro_mogflow.demo", None)
+    with pytest.warns(DeprecationWarning, match="pyro_mogflow.examples.demo"):
+        old = importlib.import_module("pyro_mogflow.demo")
+    assert old.fit is demo.fit_guide and old.evaluate is demo.evaluate_guide
+    assert old.run_demo is demo.run_demo
+    assert set(demo.__all__) < set(old.__all__)
 
 
 def test_format_table_has_a_row_per_guide_and_the_exact_row():

@@ -1,4 +1,4 @@
-"""Built-in targets (pyro_mogflow.models): their ground truth checked against brute force."""
+"""Built-in targets (pyro_mogflow.examples): ground truth checked against brute force."""
 
 import math
 
@@ -8,10 +8,11 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_mogflow.models import (
+from pyro_mogflow.examples import (
     Target,
     gaussian_mixture_target,
     label_switching_mixture,
+    mode_masses,
     sign_regression,
 )
 
@@ -204,6 +205,51 @@ def test_mode_masses_and_modes_found_count_draws_in_each_ball():
     assert target.mode_masses(draws).tolist() == [2 / 8, 3 / 8]
     assert target.modes_found(draws, threshold=0.3) == 1
     assert target.modes_found(draws, threshold=0.2) == 2
+
+
+def test_mode_masses_assign_the_nearest_mode_within_the_radius():
+    modes = torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    pts = torch.tensor(
+        [[0.1, 0.0], [1.4, 0.0], [1.6, 0.0], [3.0, 2.0], [9.0, 9.0]], dtype=torch.float64
+    )
+    bins = mode_masses(pts, modes, radius=1.5, elsewhere=True)
+    assert bins.tolist() == [0.4, 0.2, 0.4]
+    assert mode_masses(pts, modes, radius=1.5).tolist() == [0.4, 0.2]
+
+
+def test_mode_masses_partition_the_draws_when_the_balls_overlap():
+    # radius 2 > half the gap 1.5: a draw within 2 of both modes counts once, for the nearer.
+    modes = torch.tensor([[0.0], [3.0]])
+    pts = torch.tensor([[1.4], [1.6], [2.0], [-1.0], [10.0]])
+    masses = mode_masses(pts, modes, radius=2.0, elsewhere=True)
+    assert masses.dtype == torch.float32
+    assert masses.tolist() == pytest.approx([0.4, 0.4, 0.2])
+
+
+@pytest.mark.parametrize("name", ["sign_regression", "gaussian_mixture"])
+def test_exact_draws_have_the_site_shapes_and_follow_the_generator(name):
+    target = TARGETS[name]()
+    a = target.sample_exact(64, torch.Generator().manual_seed(3))
+    b = target.sample_exact(64, torch.Generator().manual_seed(3))
+    trace = pyro.poutine.trace(target.model).get_trace(*target.args, **target.kwargs)
+    for site, value in a.items():
+        assert value.shape[1:] == trace.nodes[site]["value"].shape
+        assert torch.equal(value, b[site])
+
+
+def test_sample_exact_without_a_sampler_names_the_target():
+    with pytest.raises(ValueError, match="'label_switching' has no exact sampler"):
+        label_switching_mixture().sample_exact(10)
+
+
+def test_old_module_path_reexports_the_targets_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("pyro_mogflow.models", None)
+    with pytest.warns(DeprecationWarning, match="pyro_mogflow.examples"):
+        models = importlib.import_module("pyro_mogflow.models")
+    assert models.sign_regression is sign_regression and models.Target is Target
 
 
 # ------------------------------------------------------------------ bad input

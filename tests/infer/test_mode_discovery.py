@@ -10,7 +10,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_mogflow import AutoMixtureFlow, fit
-from pyro_mogflow.models import gaussian_mixture_target
+from pyro_mogflow.examples import gaussian_mixture_target
 
 DTYPES = [torch.float32, torch.float64]
 
