@@ -84,7 +84,7 @@ class EncoderSpec:
 
     :param str label: row label.
     :param int num_components: ``K``.
-    :param flow: a name in :data:`pyro_mogflow.amortized.CONDITIONAL_FLOWS`, or ``None``.
+    :param flow: a name in :data:`pyro_mogflow.flows.CONDITIONAL_FLOWS`, or ``None``.
     :param int num_flows: number of flow layers.
     :param str estimator: one of :data:`pyro_mogflow.ESTIMATORS`.
     """

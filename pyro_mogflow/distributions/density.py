@@ -140,10 +140,18 @@ def check_mixture_params(logits, locs, scales) -> tuple[torch.Tensor, torch.Tens
     )
 
 
-def expand_mixture_params(source, target, batch_shape: torch.Size) -> None:
-    """Set ``target.logits``, ``.locs`` and ``.scales`` to ``source``'s, expanded to
-    ``batch_shape`` (views, no copies): the shared part of every mixture's ``expand``."""
+def expand_mixture_params(source, cls, batch_shape, _instance=None):
+    """The shared part of every mixture's ``expand``: a new ``cls`` instance whose ``logits``,
+    ``locs`` and ``scales`` are ``source``'s expanded to ``batch_shape`` (views, no copies).
+
+    The caller copies any other attribute (temperature, ...) onto the returned instance.
+    """
+    new = source._get_checked_instance(cls, _instance)
+    batch_shape = torch.Size(batch_shape)
     k, d = source.locs.shape[-2:]
-    target.logits = source.logits.expand(batch_shape + (k,))
-    target.locs = source.locs.expand(batch_shape + (k, d))
-    target.scales = source.scales.expand(batch_shape + (k, d))
+    new.logits = source.logits.expand(batch_shape + (k,))
+    new.locs = source.locs.expand(batch_shape + (k, d))
+    new.scales = source.scales.expand(batch_shape + (k, d))
+    super(cls, new).__init__(batch_shape, source.event_shape, validate_args=False)
+    new._validate_args = source._validate_args
+    return new

@@ -280,12 +280,7 @@ class DiagNormalMixture(TorchDistribution):
         return self.logits.shape[-1]
 
     def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(DiagNormalMixture, _instance)
-        batch_shape = torch.Size(batch_shape)
-        expand_mixture_params(self, new, batch_shape)
-        super(DiagNormalMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        return expand_mixture_params(self, DiagNormalMixture, batch_shape, _instance)
 
     @torch.no_grad()
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:

@@ -154,16 +154,10 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
         return self.logits.shape[-1]
 
     def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(RelaxedMixtureOfDiagNormals, _instance)
-        batch_shape = torch.Size(batch_shape)
-        expand_mixture_params(self, new, batch_shape)
-        new.temperature = self.temperature.expand(batch_shape)
+        new = expand_mixture_params(self, RelaxedMixtureOfDiagNormals, batch_shape, _instance)
+        new.temperature = self.temperature.expand(torch.Size(batch_shape))
         new.density = self.density
         new.num_nested = self.num_nested
-        super(RelaxedMixtureOfDiagNormals, new).__init__(
-            batch_shape, self.event_shape, validate_args=False
-        )
-        new._validate_args = self._validate_args
         return new
 
     def _soft_select(self, log_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions.transforms as T
 import torch
@@ -36,6 +36,7 @@ from torch.distributions import Transform
 
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow
+from ..distributions.estimators import Temperature
 from ..flows import BufferPermute, build_conditional_flow
 from .state import EstimatorState
 
@@ -132,18 +133,18 @@ class AmortizedMixtureFlow(EstimatorState, nn.Module):
         context_dim: int,
         latent_dim: int,
         num_components: int = 4,
-        flow="affine_autoregressive",
+        flow: str | Callable[[int, int], ConditionalTransform] | None = "affine_autoregressive",
         num_flows: int = 2,
         hidden_dims: Sequence[int] = (128, 128),
         flow_hidden_dims: Sequence[int] | None = None,
         flow_kwargs: dict | None = None,
         estimator: str = "implicit",
-        temperature=0.5,
+        temperature: Temperature = 0.5,
         num_nested: int = 32,
         init_scale: float = 0.5,
         init_spread: float = 1.0,
         min_scale: float = 1e-4,
-    ):
+    ) -> None:
         super().__init__()
         self.context_dim = check_int("context_dim", context_dim, 1)
         self.latent_dim = check_int("latent_dim", latent_dim, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions import constraints
@@ -14,7 +15,7 @@ from torch.distributions import Transform
 
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
-from ..distributions.estimators import ESTIMATORS
+from ..distributions.estimators import ESTIMATORS, Temperature
 from ..flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
 from .initialization import check_init_spread, prior_locs, spread_locs
 from .naming import UniqueName
@@ -128,22 +129,22 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
 
     def __init__(
         self,
-        model,
+        model: Callable,
         num_components: int = 64,
-        flow=None,
+        flow: str | Callable[[int], Transform] | None = None,
         num_flows: int = 2,
-        hidden_dims=None,
+        hidden_dims: int | Sequence[int] | None = None,
         flow_kwargs: dict | None = None,
         estimator: str = "stratified",
-        temperature=0.5,
+        temperature: Temperature = 0.5,
         num_nested: int = 32,
-        init_loc_fn=init_to_median,
+        init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         init_spread: float | str = "prior",
         num_quantile_samples: int = 4096,
         name: str | None = None,
-        create_plates=None,
-    ):
+        create_plates: Callable | None = None,
+    ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         num_components = check_int("num_components", num_components, 1)
