@@ -5,6 +5,7 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 
 from ._version import __version__
 from .arviz import to_inference_data, vi_loo
+from .density import fit_density
 from .diagnostics import vi_diagnostics
 from .distributions import (
     ESTIMATORS,
@@ -48,6 +49,7 @@ __all__ = [
     "cosine_schedule",
     "exponential_schedule",
     "fit",
+    "fit_density",
     "fit_independent",
     "linear_schedule",
     "mixture_log_prob",

@@ -130,7 +130,8 @@ class RADCoupling(nn.Module):
         self.split_dim = split
         self.out_dim = dim - split
         k = self.num_pieces
-        # per coordinate: L, log(U - L), B_1, log widths of the K - 2 interior pieces, log a_1, log a_K
+        # per coordinate: L, log(U - L), B_1, log widths of the K - 2 interior pieces,
+        # log a_1, log a_K
         self.conditioner = _MLP(split, hidden_dims, self.out_dim * (k + 3))
         self.gate = _MLP(dim, hidden_dims, self.out_dim * k)
         # initial map: boundaries evenly on [-2, 2], core [-1, 1), unit end slopes
@@ -158,9 +159,7 @@ class RADCoupling(nn.Module):
         log_mid = torch.log(width_core).unsqueeze(-1) - torch.log(widths)
         log_slopes = torch.cat([log_a1, log_mid, log_ak], -1)  # (..., out, K)
         anchors = torch.cat([bounds[..., :1], bounds], -1)  # (..., out, K)
-        offsets = torch.cat(
-            [up.unsqueeze(-1), low.unsqueeze(-1).expand(low.shape + (k - 1,))], -1
-        )
+        offsets = torch.cat([up.unsqueeze(-1), low.unsqueeze(-1).expand(low.shape + (k - 1,))], -1)
         return bounds, anchors, offsets, log_slopes, low, up
 
     def _gate_logits(self, x_a: torch.Tensor, z_b: torch.Tensor, low, up) -> torch.Tensor:
