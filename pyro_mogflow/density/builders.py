@@ -42,15 +42,22 @@ def stack_flow(
     """``num_flows`` layers of a registered flow with a permutation (buffer) between them.
 
     In 2-D and 3-D the permutation is a reversal, so coupling layers alternate halves (a random
-    permutation of two coordinates is the identity half the time); above that it is random.
+    permutation of two coordinates is the identity half the time); above that it is random. A
+    last permutation undoes their product, so the stack is the identity when its layers are.
     """
     spec = FLOWS[flow]
     parts: list = []
+    total = torch.arange(dim)
     for i in range(num_flows):
         if i > 0 and dim > 1:
             perm = torch.arange(dim - 1, -1, -1) if dim <= 3 else torch.randperm(dim)
             parts.append(BufferPermute(perm))
+            total = total[perm]
         parts.append(spec.builder(dim, list(hidden_dims), **flow_kwargs))
+    if not torch.equal(total, torch.arange(dim)):
+        # undo the permutations at the end, so a stack of identity-initialised layers is the
+        # identity and components placed on the data (k-means++) start where the data are
+        parts.append(BufferPermute(torch.argsort(total)))
     return T.ComposeTransformModule(parts)
 
 

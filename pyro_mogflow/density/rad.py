@@ -31,7 +31,9 @@ over exactly the pieces that can produce :math:`z`. Sampling is exact: draw :mat
   :math:`z = L + a_K (x - B_{K-1})`. The images cover the line, so every :math:`z` has at least
   one valid piece and the density is normalised with no lost mass. :math:`K \ge 2`.
 * The gate is one MLP on :math:`(x_a, z_b)` with :math:`K` logits per transformed coordinate,
-  masked to the valid pieces.
+  masked to the valid pieces, its softmax mixed with a uniform over them (weight
+  :data:`GATE_FLOOR`, so held-out points never get a vanishing gate probability); the end
+  slopes are kept in :math:`[e^{-3}, e^{3}]` for the same reason.
 * :func:`build_rad_layers` alternates RAD layers with Real NVP affine couplings
   (Pyro's ``affine_coupling``) and fixed permutations (buffers), on a standard normal base, as the
   paper stacks RAD layers with ordinary invertible ones.
@@ -62,7 +64,10 @@ from torch.distributions.utils import _sum_rightmost
 from .._validation import check_int
 from ..flows import BufferPermute
 
-__all__ = ["RADCoupling", "RADFlow", "build_rad_layers"]
+__all__ = ["GATE_FLOOR", "RADCoupling", "RADFlow", "build_rad_layers"]
+
+#: Share of the gate given to the uniform distribution over the valid pieces.
+GATE_FLOOR = 1e-3
 
 
 def _inv_softplus(c: float) -> float:
@@ -154,8 +159,9 @@ class RADCoupling(nn.Module):
         first = raw[..., 2]
         widths = torch.nn.functional.softplus(raw[..., 3 : k + 1]) + 1e-3  # (..., out, K-2)
         bounds = torch.cat([first.unsqueeze(-1), first.unsqueeze(-1) + widths.cumsum(-1)], -1)
-        log_a1 = raw[..., k + 1].clamp(-7.0, 7.0).unsqueeze(-1)
-        log_ak = raw[..., k + 2].clamp(-7.0, 7.0).unsqueeze(-1)
+        # end slopes in [e^-3, e^3]: a steep end piece would give the tails a vanishing density
+        log_a1 = (3.0 * torch.tanh(raw[..., k + 1] / 3.0)).unsqueeze(-1)
+        log_ak = (3.0 * torch.tanh(raw[..., k + 2] / 3.0)).unsqueeze(-1)
         log_mid = torch.log(width_core).unsqueeze(-1) - torch.log(widths)
         log_slopes = torch.cat([log_a1, log_mid, log_ak], -1)  # (..., out, K)
         anchors = torch.cat([bounds[..., :1], bounds], -1)  # (..., out, K)
@@ -171,6 +177,16 @@ class RADCoupling(nn.Module):
         idx = torch.arange(k, device=z_b.device)
         invalid = (below & (idx != 0)) | (above & (idx != k - 1))
         return logits.masked_fill(invalid, -math.inf)
+
+    def _gate_log_probs(self, x_a, z_b, low, up) -> torch.Tensor:
+        """``log p(k | z_b, x_a)``: the masked softmax mixed with ``GATE_FLOOR`` of the uniform
+        over the valid pieces (still normalised; no valid piece gets a vanishing probability)."""
+        logits = self._gate_logits(x_a, z_b, low, up)
+        valid = torch.isfinite(logits)
+        n_valid = valid.sum(-1, keepdim=True).to(logits.dtype)
+        floor = math.log(GATE_FLOOR) - n_valid.log()
+        mixed = torch.logaddexp(math.log1p(-GATE_FLOOR) + torch.log_softmax(logits, -1), floor)
+        return mixed.masked_fill(~valid, -math.inf)
 
     # ------------------------------------------------------------------ maps
     def encode(self, x: torch.Tensor):
@@ -188,8 +204,7 @@ class RADCoupling(nn.Module):
         z_b = offsets.gather(-1, ki).squeeze(-1) + log_a.exp() * (
             x_b - anchors.gather(-1, ki).squeeze(-1)
         )
-        logits = self._gate_logits(x_a, z_b, low, up)
-        log_gate = torch.log_softmax(logits, -1).gather(-1, ki).squeeze(-1)
+        log_gate = self._gate_log_probs(x_a, z_b, low, up).gather(-1, ki).squeeze(-1)
         z = torch.cat([x_a, z_b], -1)
         return z, k, log_a.sum(-1), log_gate.sum(-1)
 
@@ -197,7 +212,7 @@ class RADCoupling(nn.Module):
         """``p(k | z_b, x_a)`` for every piece, shape ``(..., D - split_dim, K)``."""
         x_a, z_b = z[..., : self.split_dim], z[..., self.split_dim :]
         *_, low, up = self._pieces(x_a)
-        return torch.softmax(self._gate_logits(x_a, z_b, low, up), -1)
+        return self._gate_log_probs(x_a, z_b, low, up).exp()
 
     def sample_pieces(self, z: torch.Tensor) -> torch.Tensor:
         """Draw ``k ~ p(k | z_b, x_a)``, shape ``(..., D - split_dim)`` (long)."""
