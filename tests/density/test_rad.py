@@ -57,8 +57,9 @@ def test_samples_match_density_chi_square():
     expected = mass[keep] * n
     chi2 = (((counts[keep] - expected) ** 2) / expected).sum().item()
     dof = int(keep.sum()) - 1
-    # chi-square 99.9% quantile ~ dof + 3.1 sqrt(2 dof) (normal approximation), plus quadrature
-    assert chi2 < dof + 3.1 * math.sqrt(2 * dof) + 5
+    # chi-square 99.99% quantile ~ dof + 4.3 sqrt(2 dof) (normal approximation), plus quadrature;
+    # a RAD flow with an unmasked gate scores chi2 ~ 5000 here
+    assert chi2 < dof + 4.3 * math.sqrt(2 * dof) + 5
 
 
 def test_decode_inverts_encode():
@@ -70,7 +71,7 @@ def test_decode_inverts_encode():
     x = 3 * torch.randn(500, 3, dtype=torch.float64)
     z, k, log_det, log_gate = layer.encode(x)
     assert torch.allclose(layer.decode(z, k), x, atol=1e-9)
-    assert torch.isfinite(log_gate).all() and (log_gate <= 0).all()
+    assert torch.isfinite(log_gate).all() and (log_gate <= 1e-12).all()
     assert log_det.shape == (500,)
 
 
