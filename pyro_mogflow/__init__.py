@@ -4,6 +4,7 @@ The main entry point is :class:`AutoMixtureFlow`, an autoguide for posteriors wi
 """
 
 from ._version import __version__
+from .density import fit_density
 from .diagnostics import (
     IndependentFits,
     fit_independent,
@@ -52,6 +53,7 @@ __all__ = [
     "cosine_schedule",
     "exponential_schedule",
     "fit",
+    "fit_density",
     "fit_independent",
     "linear_schedule",
     "mixture_log_prob",

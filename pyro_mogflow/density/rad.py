@@ -1,0 +1,374 @@
+r"""RAD: a Real-and-Discrete flow (Dinh, Sohl-Dickstein, Pascanu & Larochelle, 2019).
+
+A RAD layer is a *coupling layer whose coupling function is only piecewise invertible*. The input
+:math:`x \in \mathbb{R}^D` is split into a conditioner half :math:`x_a` (passed through) and a
+transformed half :math:`x_b`. Every coordinate :math:`x_{b,i}` goes through a function
+:math:`g_i = g(\cdot\,; \theta_i(x_a))` that cuts the real line into :math:`K` pieces
+:math:`I_1 < \dots < I_K` and maps each piece bijectively and increasingly onto its image
+:math:`g(I_k)`; the images overlap, so several inputs map to one output. Going from data to
+latent, a point gives a *real* latent :math:`z_{b,i} = g_i(x_{b,i})` and a *discrete* one, the
+piece :math:`k_i` it fell in. A gating network gives
+:math:`p(k \mid z_b, x_a) = \prod_i p(k_i \mid z_b, x_a)`, a softmax over the pieces whose image
+contains :math:`z_{b,i}` (the other logits are masked to :math:`-\infty`). Then, exactly,
+
+.. math::
+    \log p(x) = \log p(z) + \log p(k(x) \mid z_b, x_a)
+        + \sum_i \log \left| \frac{\partial g_i}{\partial x_{b,i}}\right|_{x_{b,i}},
+
+since :math:`x \mapsto (z, k)` is a bijection onto :math:`\{(z, k) : z_{b,i} \in g(I_{k_i})\}`,
+whose density is :math:`p(z)\,p(k \mid z)` — it integrates to one because the gate normalises
+over exactly the pieces that can produce :math:`z`. Sampling is exact: draw :math:`z`, draw
+:math:`k` from the gate, and invert piece :math:`k`.
+
+**What is built here** (the paper has no public code; this is derived from its text):
+
+* The piecewise-linear coupling function, with conditioner outputs per coordinate: a core
+  interval :math:`[L, U)`, boundaries :math:`B_1 < \dots < B_{K-1}`, and end slopes
+  :math:`a_1, a_K > 0`. Piece 1, :math:`(-\infty, B_1)`, maps to :math:`(-\infty, U)` by
+  :math:`z = U + a_1 (x - B_1)`; interior piece :math:`k`, :math:`[B_{k-1}, B_k)`, maps onto the
+  core :math:`[L, U)` by :math:`z = L + \frac{U - L}{B_k - B_{k-1}} (x - B_{k-1})`; piece
+  :math:`K`, :math:`[B_{K-1}, \infty)`, maps to :math:`[L, \infty)` by
+  :math:`z = L + a_K (x - B_{K-1})`. The images cover the line, so every :math:`z` has at least
+  one valid piece and the density is normalised with no lost mass. :math:`K \ge 2`.
+* The gate is one MLP on :math:`(x_a, z_b)` with :math:`K` logits per transformed coordinate,
+  masked to the valid pieces, its softmax mixed with a uniform over them (weight
+  :data:`GATE_FLOOR`, so held-out points never get a vanishing gate probability); the end
+  slopes are kept in :math:`[e^{-3}, e^{3}]` for the same reason.
+* :func:`build_rad_layers` alternates RAD layers with Real NVP affine couplings
+  (Pyro's ``affine_coupling``) and fixed permutations (buffers), on a standard normal base, as the
+  paper stacks RAD layers with ordinary invertible ones.
+
+**Departures from the paper** (as far as its text describes): the paper's coupling function is
+also piecewise linear with masked gating, but its exact parameterisation of the pieces, its
+network architectures (convolutional for images) and its multi-scale structure are not
+reproduced; the pieces here are increasing only (no reflections), the function is discontinuous
+at the boundaries (each interior piece maps onto the same core), and in 1-D the conditioner is
+empty, so the layer's parameters are free parameters.
+
+Reference: L. Dinh, J. Sohl-Dickstein, R. Pascanu, H. Larochelle, *A RAD approach to deep mixture
+models*, ICLR 2019 workshop (DeepGenStruct), arXiv:1903.07714.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch import nn
+from torch.distributions import Transform
+from torch.distributions.utils import _sum_rightmost
+
+from .._validation import check_int
+from ..flows import BufferPermute
+
+__all__ = ["GATE_FLOOR", "RADCoupling", "RADFlow", "build_rad_layers"]
+
+#: Share of the gate given to the uniform distribution over the valid pieces.
+GATE_FLOOR = 1e-3
+
+
+def _inv_softplus(c: float) -> float:
+    return math.log(math.expm1(c))
+
+
+class _MLP(nn.Module):
+    """``in -> hidden... -> out`` with ReLU; the last layer starts at zero. ``in = 0`` is a
+    free bias (an unconditional parameter vector)."""
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int):
+        super().__init__()
+        self.in_dim = in_dim
+        if in_dim == 0:
+            self.bias = nn.Parameter(torch.zeros(out_dim))
+            self.net = None
+            return
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden_dims:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        last = nn.Linear(d, out_dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            return self.bias.to(x).expand(x.shape[:-1] + self.bias.shape)
+        return self.net(x)
+
+
+class RADCoupling(nn.Module):
+    r"""One Real-and-Discrete coupling layer (see the module docstring for the math).
+
+    The first ``split_dim`` coordinates condition the piecewise-linear map of the others.
+
+    Usage::
+
+        layer = RADCoupling(2, num_pieces=4)
+        z, k, log_det, log_gate = layer.encode(x)     # data -> (real, discrete) latents
+        x_back = layer.decode(z, k)                   # exact inverse of piece k
+        k_draw = layer.sample_pieces(z)               # k ~ p(k | z, x_a)
+
+    :param int dim: ``D``.
+    :param int num_pieces: ``K >= 2``, pieces of each coordinate's map (default 4).
+    :param hidden_dims: hidden sizes of the conditioner and the gate MLPs (default ``(32, 32)``).
+    :param int split_dim: coordinates in the conditioner half (default ``D // 2``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_pieces: int = 4,
+        hidden_dims: Sequence[int] = (32, 32),
+        split_dim: int | None = None,
+    ):
+        super().__init__()
+        self.dim = check_int("dim", dim, 1)
+        self.num_pieces = check_int("num_pieces", num_pieces, 2)
+        split = dim // 2 if split_dim is None else check_int("split_dim", split_dim, 0)
+        if split >= dim:
+            raise ValueError(f"split_dim must be < dim={dim}, got {split}")
+        self.split_dim = split
+        self.out_dim = dim - split
+        k = self.num_pieces
+        # per coordinate: L, log(U - L), B_1, log widths of the K - 2 interior pieces,
+        # log a_1, log a_K
+        self.conditioner = _MLP(split, hidden_dims, self.out_dim * (k + 3))
+        self.gate = _MLP(dim, hidden_dims, self.out_dim * k)
+        # initial map: boundaries evenly on [-2, 2], core [-1, 1), unit end slopes
+        init = torch.zeros(k + 3)
+        init[0] = -1.0
+        init[1] = _inv_softplus(2.0)
+        init[2] = -2.0 if k > 2 else 0.0
+        if k > 2:
+            init[3 : k + 1] = _inv_softplus(4.0 / (k - 2))
+        self.register_buffer("_init", init)
+
+    # ------------------------------------------------------------------ pieces
+    def _pieces(self, x_a: torch.Tensor):
+        """Anchors, offsets, log-slopes ``(..., out, K)`` and core ``L, U`` ``(..., out)``."""
+        k = self.num_pieces
+        raw = self.conditioner(x_a).unflatten(-1, (self.out_dim, k + 3)) + self._init.to(x_a)
+        low = raw[..., 0]
+        width_core = torch.nn.functional.softplus(raw[..., 1]) + 1e-3
+        up = low + width_core
+        first = raw[..., 2]
+        widths = torch.nn.functional.softplus(raw[..., 3 : k + 1]) + 1e-3  # (..., out, K-2)
+        bounds = torch.cat([first.unsqueeze(-1), first.unsqueeze(-1) + widths.cumsum(-1)], -1)
+        # end slopes in [e^-3, e^3]: a steep end piece would give the tails a vanishing density
+        log_a1 = (3.0 * torch.tanh(raw[..., k + 1] / 3.0)).unsqueeze(-1)
+        log_ak = (3.0 * torch.tanh(raw[..., k + 2] / 3.0)).unsqueeze(-1)
+        log_mid = torch.log(width_core).unsqueeze(-1) - torch.log(widths)
+        log_slopes = torch.cat([log_a1, log_mid, log_ak], -1)  # (..., out, K)
+        anchors = torch.cat([bounds[..., :1], bounds], -1)  # (..., out, K)
+        offsets = torch.cat([up.unsqueeze(-1), low.unsqueeze(-1).expand(low.shape + (k - 1,))], -1)
+        return bounds, anchors, offsets, log_slopes, low, up
+
+    def _gate_logits(self, x_a: torch.Tensor, z_b: torch.Tensor, low, up) -> torch.Tensor:
+        """Masked gate logits ``(..., out, K)``: ``-inf`` where piece k cannot produce ``z_b``."""
+        k = self.num_pieces
+        logits = self.gate(torch.cat([x_a, z_b], -1)).unflatten(-1, (self.out_dim, k))
+        below = (z_b < low).unsqueeze(-1)
+        above = (z_b >= up).unsqueeze(-1)
+        idx = torch.arange(k, device=z_b.device)
+        invalid = (below & (idx != 0)) | (above & (idx != k - 1))
+        return logits.masked_fill(invalid, -math.inf)
+
+    def _gate_log_probs(self, x_a, z_b, low, up) -> torch.Tensor:
+        """``log p(k | z_b, x_a)``: the masked softmax mixed with ``GATE_FLOOR`` of the uniform
+        over the valid pieces (still normalised; no valid piece gets a vanishing probability)."""
+        logits = self._gate_logits(x_a, z_b, low, up)
+        valid = torch.isfinite(logits)
+        n_valid = valid.sum(-1, keepdim=True).to(logits.dtype)
+        floor = math.log(GATE_FLOOR) - n_valid.log()
+        mixed = torch.logaddexp(math.log1p(-GATE_FLOOR) + torch.log_softmax(logits, -1), floor)
+        return mixed.masked_fill(~valid, -math.inf)
+
+    # ------------------------------------------------------------------ maps
+    def encode(self, x: torch.Tensor):
+        r"""Data to latents: ``(z, k, log|dz/dx|, log p(k | z, x_a))``.
+
+        :param torch.Tensor x: shape ``(..., D)``.
+        :return: ``z`` ``(..., D)``; ``k`` ``(..., D - split_dim)`` (long); the log-Jacobian and
+            the gate log-probability, each ``(...)``.
+        """
+        x_a, x_b = x[..., : self.split_dim], x[..., self.split_dim :]
+        bounds, anchors, offsets, log_slopes, low, up = self._pieces(x_a)
+        k = (x_b.unsqueeze(-1) >= bounds).sum(-1)  # (..., out) in [0, K-1]
+        ki = k.unsqueeze(-1)
+        log_a = log_slopes.gather(-1, ki).squeeze(-1)
+        z_b = offsets.gather(-1, ki).squeeze(-1) + log_a.exp() * (
+            x_b - anchors.gather(-1, ki).squeeze(-1)
+        )
+        log_gate = self._gate_log_probs(x_a, z_b, low, up).gather(-1, ki).squeeze(-1)
+        z = torch.cat([x_a, z_b], -1)
+        return z, k, log_a.sum(-1), log_gate.sum(-1)
+
+    def gate_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """``p(k | z_b, x_a)`` for every piece, shape ``(..., D - split_dim, K)``."""
+        x_a, z_b = z[..., : self.split_dim], z[..., self.split_dim :]
+        *_, low, up = self._pieces(x_a)
+        return self._gate_log_probs(x_a, z_b, low, up).exp()
+
+    def sample_pieces(self, z: torch.Tensor) -> torch.Tensor:
+        """Draw ``k ~ p(k | z_b, x_a)``, shape ``(..., D - split_dim)`` (long)."""
+        probs = self.gate_probs(z)
+        return torch.distributions.Categorical(probs=probs).sample()
+
+    def decode(self, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The inverse of piece ``k`` at ``z`` (``z_b`` must lie in piece ``k``'s image).
+
+        :param torch.Tensor z: shape ``(..., D)``.
+        :param torch.Tensor k: shape ``(..., D - split_dim)``, long.
+        :return: ``x``, shape ``(..., D)``.
+        """
+        x_a, z_b = z[..., : self.split_dim], z[..., self.split_dim :]
+        _, anchors, offsets, log_slopes, _, _ = self._pieces(x_a)
+        ki = k.unsqueeze(-1)
+        x_b = anchors.gather(-1, ki).squeeze(-1) + (
+            z_b - offsets.gather(-1, ki).squeeze(-1)
+        ) * torch.exp(-log_slopes.gather(-1, ki).squeeze(-1))
+        return torch.cat([x_a, x_b], -1)
+
+
+def build_rad_layers(
+    dim: int,
+    num_layers: int = 2,
+    num_pieces: int = 4,
+    hidden_dims: Sequence[int] = (32, 32),
+    affine_between: bool = True,
+) -> nn.ModuleList:
+    """A RAD stack, from the base side to the data side (the order :class:`RADFlow` takes).
+
+    ``num_layers`` RAD layers; between consecutive ones (and before the first, when ``dim > 1``
+    and ``affine_between``), a Real NVP affine coupling (Pyro's ``affine_coupling``); and a
+    permutation (a buffer) before each layer so both halves get transformed. In 2-D and 3-D the
+    permutation is a reversal, so consecutive layers always alternate halves.
+
+    :param int dim: ``D``.
+    :param int num_layers: RAD layers, ``>= 1``.
+    :param int num_pieces: pieces per coordinate of each RAD layer, ``>= 2``.
+    :param hidden_dims: hidden sizes of every network.
+    :param bool affine_between: add the affine couplings (``False``: RAD layers and permutations).
+    :return: an :class:`~torch.nn.ModuleList` of :class:`RADCoupling` and torch transforms.
+    """
+    check_int("dim", dim, 1)
+    check_int("num_layers", num_layers, 1)
+    check_int("num_pieces", num_pieces, 2)
+    hidden = list(hidden_dims)
+    parts: list = []
+
+    def permute():
+        if dim > 1:
+            perm = torch.arange(dim - 1, -1, -1) if dim <= 3 else torch.randperm(dim)
+            parts.append(BufferPermute(perm))
+
+    for i in range(num_layers):
+        if dim > 1 and affine_between:
+            if i > 0:
+                permute()
+            parts.append(T.affine_coupling(dim, hidden_dims=hidden))
+        permute()
+        parts.append(RADCoupling(dim, num_pieces, hidden))
+    return nn.ModuleList(parts)
+
+
+class RADFlow(TorchDistribution):
+    r"""The distribution of a RAD stack on a standard normal base (see the module docstring).
+
+    ``layers`` run from the base to the data side: :class:`RADCoupling` layers (piecewise, with a
+    discrete latent each) and ordinary torch transforms (bijections). Going from data to base,
+
+    .. math::
+        \log p(x) = \log \mathcal{N}(z_L; 0, I) + \sum_{\ell} \Big[\log\left|\det
+        \tfrac{\partial z_{\ell}}{\partial z_{\ell - 1}}\right|
+        + \mathbb{1}[\ell\ \text{is RAD}]\, \log p(k_\ell \mid z_\ell)\Big],
+
+    with :math:`z_0 = x`. :meth:`sample` is exact (ancestral: base, then each layer backwards,
+    drawing each RAD layer's pieces from its gate). There is no ``rsample``: the discrete draw has
+    no reparameterization; under maximum likelihood none is needed.
+
+    :param layers: the stack, base side first (e.g. :func:`build_rad_layers`).
+    :param transforms: extra bijections applied last on the data side (e.g. the affine map that
+        undoes standardisation).
+    :param int dim: ``D``.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module | Transform],
+        dim: int,
+        transforms: Sequence[Transform] = (),
+        validate_args: bool | None = None,
+    ):
+        self.layers = list(layers) + list(transforms)
+        for layer in self.layers:
+            if not isinstance(layer, (RADCoupling, Transform)):
+                raise TypeError(
+                    f"layers must be RADCoupling or torch Transforms, got {type(layer).__name__}"
+                )
+        self.dim = check_int("dim", dim, 1)
+        super().__init__(torch.Size(), torch.Size([dim]), validate_args=validate_args)
+
+    def _reference(self) -> torch.Tensor:
+        for layer in self.layers:
+            for p in getattr(layer, "parameters", lambda: [])():
+                return p
+            for b in getattr(layer, "buffers", lambda: [])():
+                if b.is_floating_point():
+                    return b
+        return torch.zeros(())
+
+    def encode(self, value: torch.Tensor):
+        """Data to base: ``(z, log p(x) - log N(z), [k of each RAD layer])``."""
+        y = value
+        extra = torch.zeros(value.shape[:-1], dtype=value.dtype, device=value.device)
+        pieces = []
+        for layer in reversed(self.layers):
+            if isinstance(layer, RADCoupling):
+                y, k, log_det, log_gate = layer.encode(y)
+                extra = extra + log_det + log_gate
+                pieces.append(k)
+            else:
+                x = layer.inv(y)
+                ladj = layer.log_abs_det_jacobian(x, y)
+                extra = extra - _sum_rightmost(ladj, 1 - layer.domain.event_dim)
+                y = x
+        return y, extra, pieces[::-1]
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Exact log-density, shape ``value.shape[:-1]``; ``value`` ``(..., D)``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        z, extra, _ = self.encode(value)
+        base = -0.5 * (z**2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        return base + extra
+
+    def sample_with_pieces(self, sample_shape=torch.Size()):
+        """Exact draws ``(*sample_shape, D)`` and each RAD layer's pieces (base side first)."""
+        ref = self._reference()
+        with torch.no_grad():
+            x = torch.randn(
+                torch.Size(sample_shape) + (self.dim,), dtype=ref.dtype, device=ref.device
+            )
+            pieces = []
+            for layer in self.layers:
+                if isinstance(layer, RADCoupling):
+                    k = layer.sample_pieces(x)
+                    x = layer.decode(x, k)
+                    pieces.append(k)
+                else:
+                    x = layer(x)
+        return x, pieces
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Exact draws, shape ``(*sample_shape, D)``."""
+        return self.sample_with_pieces(sample_shape)[0]
