@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributions import AffineTransform
 
 from ..distributions import MixtureFlow
-from ..flows import FLOWS, BufferPermute
+from ..flows import build_flow
 from .rad import RADCoupling, RADFlow, build_rad_layers
 
 __all__ = ["MODELS", "DensityModule", "MixtureFlowDensity", "RADDensity", "stack_flow"]
@@ -39,26 +39,10 @@ MODELS = ("mixture_flow", "gmm", "realnvp", "nsf", "rad")
 def stack_flow(
     flow: str, dim: int, num_flows: int, hidden_dims: Sequence[int], **flow_kwargs
 ) -> T.ComposeTransformModule:
-    """``num_flows`` layers of a registered flow with a permutation (buffer) between them.
-
-    In 2-D and 3-D the permutation is a reversal, so coupling layers alternate halves (a random
-    permutation of two coordinates is the identity half the time); above that it is random. A
-    last permutation undoes their product, so the stack is the identity when its layers are.
-    """
-    spec = FLOWS[flow]
-    parts: list = []
-    total = torch.arange(dim)
-    for i in range(num_flows):
-        if i > 0 and dim > 1:
-            perm = torch.arange(dim - 1, -1, -1) if dim <= 3 else torch.randperm(dim)
-            parts.append(BufferPermute(perm))
-            total = total[perm]
-        parts.append(spec.builder(dim, list(hidden_dims), **flow_kwargs))
-    if not torch.equal(total, torch.arange(dim)):
-        # undo the permutations at the end, so a stack of identity-initialised layers is the
-        # identity and components placed on the data (k-means++) start where the data are
-        parts.append(BufferPermute(torch.argsort(total)))
-    return T.ComposeTransformModule(parts)
+    """``num_flows`` layers of a registered flow, stacked by :func:`~pyro_mogflow.flows.build_flow`
+    (buffer permutations between them and a last one undoing them, so the stack is the identity
+    when its layers are)."""
+    return build_flow(flow, dim, num_flows, list(hidden_dims), **flow_kwargs)
 
 
 class DensityModule(nn.Module):

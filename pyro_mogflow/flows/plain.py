@@ -358,14 +358,29 @@ def build_flow(
 
 
 def stack_layers(make: Callable[[], Transform], latent_dim: int, num_flows: int) -> list:
-    """``num_flows`` layers from ``make()``, a :class:`BufferPermute` between consecutive ones.
+    """``num_flows`` layers from ``make()``, a :class:`BufferPermute` between consecutive ones,
+    and a last permutation that undoes the others.
 
     The permutations are drawn from torch's global generator and stored as buffers, so a
-    ``state_dict`` round trip restores the very same flow.
+    ``state_dict`` round trip restores the very same flow. The last one makes the stack the
+    identity wherever its layers are (spline layers start so): without it a stack of identity
+    layers would still permute the coordinates, and components placed at chosen points of the
+    latent space (prior draws, ``init_loc_fn``, k-means centres) would start elsewhere.
     """
     parts: list = []
+    total = torch.arange(latent_dim)
     for i in range(num_flows):
         if i > 0 and latent_dim > 1:
-            parts.append(BufferPermute(torch.randperm(latent_dim)))
+            # In 2-D and 3-D a reversal, so coupling layers alternate halves (a random
+            # permutation of two coordinates is the identity half the time); random above.
+            permutation = (
+                torch.arange(latent_dim - 1, -1, -1)
+                if latent_dim <= 3
+                else torch.randperm(latent_dim)
+            )
+            total = total[permutation]
+            parts.append(BufferPermute(permutation))
         parts.append(make())
+    if num_flows > 1 and latent_dim > 1:  # always, so the structure (and state_dict) is fixed
+        parts.append(BufferPermute(torch.argsort(total)))
     return parts

@@ -1,3 +1,4 @@
+import pyro.distributions.transforms as T
 import pytest
 import torch
 
@@ -101,7 +102,8 @@ def test_callable_flow_is_called_once_per_layer():
 
     flow = build_flow(make, 3, num_flows=3)
     assert calls == [3, 3, 3]
-    assert sum(isinstance(t, BufferPermute) for t in flow.parts) == 2
+    # a permutation between consecutive layers, plus one that undoes them
+    assert sum(isinstance(t, BufferPermute) for t in flow.parts) == 3
 
 
 def test_register_flow_adds_a_name():
@@ -135,3 +137,19 @@ def test_bad_flows_raise(args, kwargs, error, match):
 
 def test_none_means_no_flow():
     assert build_flow(None, 3) is None
+
+
+def test_stacked_permutations_compose_to_the_identity():
+    """A stack of identity layers is the identity: the last permutation undoes the others, so
+    components placed at chosen points start there."""
+    torch.manual_seed(0)
+    flow = build_flow("spline_coupling", 5, num_flows=4)
+    x = torch.randn(7, 5)
+    perms = [p for p in flow.parts if isinstance(p, BufferPermute)]
+    assert len(perms) == 4  # three between layers, one to undo them
+    index = torch.arange(5)
+    for p in perms:
+        index = index[p.permutation]
+    assert torch.equal(index, torch.arange(5))
+    only_perms = T.ComposeTransform(perms)
+    assert torch.equal(only_perms(x), x)
