@@ -68,6 +68,7 @@ from typing import NamedTuple
 import numpy as np
 import pyro
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoGuide, AutoGuideList
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
@@ -244,7 +245,10 @@ def fit(
 
         step_fn = natural_gradient_stepper(target, guide, optim, elbo, weight_step, freeze)
     else:
-        if StratifiedELBO.stratifies(model, guide, *args, **kwargs):
+        # Only a guide of one's own (or a list of guides) can hold a stratified mixture-flow
+        # site; Pyro's other autoguides are not probed (the probe is one more guide run).
+        own = not isinstance(guide, AutoGuide) or isinstance(guide, AutoGuideList)
+        if own and StratifiedELBO.stratifies(model, guide, *args, **kwargs):
             loss = StratifiedELBO(num_particles=num_particles)
         else:
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
