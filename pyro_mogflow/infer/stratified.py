@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import pyro
@@ -25,7 +26,7 @@ import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from ..distributions.mixture_flow import StratifiedSample
@@ -170,6 +171,8 @@ class StratifiedELBO(ELBO):
         )
         self.importance_weighted = importance_weighted
         self._probed: dict = {}
+        self._draw_by_draw: set = set()  # (model, guide) pairs whose model does not vectorize
+        self._latent_shapes: dict = {}  # model -> its latent sites' shapes, one draw at a time
         #: The :class:`~pyro_mogflow.distributions.StratifiedSample` of the last evaluation.
         self.last_sample: StratifiedSample | None = None
 
@@ -228,7 +231,12 @@ class StratifiedELBO(ELBO):
 
     # ------------------------------------------------------------------ traces
     def _terms(self, model, guide, args, kwargs) -> _Terms:
-        """One vectorized run of the guide (stratified) and of the model replayed against it."""
+        """One vectorized run of the guide (stratified) and of the model replayed against it.
+
+        A model that does not vectorize over the particle plate (e.g. ``X @ w``) is detected on
+        its first failure and then evaluated draw by draw (``K * n`` model runs), with a warning
+        that says how to vectorize it.
+        """
         name, k = self._probe(model, guide, args, kwargs)
         n = self.num_particles
         nesting = self.max_plate_nesting + 1
@@ -238,59 +246,92 @@ class StratifiedELBO(ELBO):
             guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
         if stratify.sample is None:
             raise ValueError(f"the guide did not sample its stratified site {name!r} this step")
-        particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
-        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, nesting)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
         sample = stratify.sample
         self.last_sample = sample
         local = {f.name: f.dim for f in stratify.frames if f.vectorized}
         rest = sample.log_weights.shape[1:]
-        local_sum = sample.log_q.new_zeros((k * n,) + rest)
-        global_sum = sample.log_q.new_zeros((k * n,))
-        global_varies = False
-        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
-            for site_name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
+        acc = _Accumulator(local, nesting, sample.log_q.new_zeros((k * n,) + rest))
+        key = (id(model), id(guide))
+        model_trace = None
+        if key not in self._draw_by_draw:
+            try:
+                particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
+                model_trace = poutine.trace(
+                    poutine.replay(particles(model), trace=guide_trace)
+                ).get_trace(*args, **kwargs)
                 if is_validation_enabled():
-                    check_site_shape(site, nesting)
-                lp = torch.as_tensor(
-                    site["log_prob"], dtype=local_sum.dtype, device=local_sum.device
+                    check_model_guide_match(model_trace, guide_trace, nesting)
+                model_trace = prune_subsample_sites(model_trace)
+                model_trace.compute_log_prob()
+                acc.add_trace(model_trace, 1.0)
+            except (RuntimeError, ValueError, IndexError) as error:
+                if local or not self._model_runs_draw_by_draw(model, guide_trace, args, kwargs):
+                    raise
+                self._draw_by_draw.add(key)
+                warnings.warn(
+                    "StratifiedELBO: the model does not vectorize over the particle plate (it "
+                    f"failed with: {error}), so it is evaluated draw by draw, {k * n} runs per "
+                    "step. Write it with broadcasting so a latent with extra leading dimensions "
+                    "works, e.g. (X * w).sum(-1) instead of X @ w, and declare batch dimensions "
+                    "with pyro.plate.",
+                    UserWarning,
+                    stacklevel=4,
                 )
-                if lp.dim() > nesting:
-                    raise ValueError(
-                        f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with dimensions "
-                        f"left of the particle plate at dim {-nesting}. Declare every batch "
-                        "dimension of the model with pyro.plate (or move it into the event with "
-                        ".to_event()), or raise max_plate_nesting."
-                    )
-                lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
-                names = {
-                    f.name
-                    for f in site["cond_indep_stack"]
-                    if f.vectorized and f.name != _PARTICLE_PLATE
-                }
-                if set(local) <= names:
-                    keep = {0} | {nesting + d for d in local.values()}
-                    drop = [i for i in range(nesting) if i not in keep]
-                    local_sum = local_sum + sign * (lp.sum(drop, keepdim=True) if drop else lp)
-                elif not set(local) & names:
-                    global_varies = global_varies or lp.shape[0] > 1
-                    global_sum = global_sum + sign * lp.reshape(lp.shape[0], -1).sum(-1)
-                else:
-                    raise ValueError(
-                        f"site {site_name!r} lies in some but not all of the plates "
-                        f"{sorted(local)} of the stratified site; its terms cannot be assigned "
-                        "to data points"
-                    )
-        return _Terms(local_sum.reshape((k, n) + rest), global_sum, global_varies, sample)
+                acc.reset()
+                model_trace = None
+        if key in self._draw_by_draw:
+            acc.local = acc.local + self._model_draw_by_draw(
+                model, guide_trace, args, kwargs
+            ).reshape(acc.local.shape)
+        guide_trace = prune_subsample_sites(guide_trace)
+        guide_trace.compute_log_prob()
+        acc.add_trace(guide_trace, -1.0)
+        return _Terms(acc.local.reshape((k, n) + rest), acc.global_, acc.global_varies, sample)
+
+    def _model_draw_by_draw(
+        self, model, guide_trace, args, kwargs, limit: int | None = None
+    ) -> torch.Tensor:
+        """``log p(x, z_i)`` for every draw ``i`` of a global stratified site, one model run each.
+
+        :return: shape ``(K * n,)`` (or ``(limit,)``: the first draws only).
+        """
+        shapes = self._latent_shapes[id(model)]
+        size = None
+        rows: dict = {}
+        for site_name, shape in shapes.items():
+            site = guide_trace.nodes[site_name]
+            value = site["value"]
+            axis = value.dim() - site["fn"].event_dim - (self.max_plate_nesting + 1)
+            size = value.shape[axis]
+            rows[site_name] = (value, axis, shape)
+        out = []
+        for i in range(size if limit is None else limit):
+            data = {s: v.select(axis, i).reshape(shape) for s, (v, axis, shape) in rows.items()}
+            trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+            out.append(trace.log_prob_sum())
+        return torch.stack(out)
+
+    def _model_runs_draw_by_draw(self, model, guide_trace, args, kwargs) -> bool:
+        """Whether the model runs on one draw at a time (records its latent sites' shapes)."""
+        with poutine.block(), torch.no_grad():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        shapes = {
+            site_name: site["value"].shape
+            for site_name, site in trace.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and not site_is_subsample(site)
+            and site_name in guide_trace.nodes
+        }
+        if not shapes:
+            return False
+        self._latent_shapes[id(model)] = shapes
+        try:
+            with poutine.block(), torch.no_grad():
+                first = self._model_draw_by_draw(model, guide_trace, args, kwargs, limit=1)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        return not bool(torch.isnan(first).any())
 
     def _get_trace(self, model, guide, args, kwargs):
         """Not used: every draw is taken in the one vectorized run of :meth:`_terms`."""
@@ -369,6 +410,56 @@ class StratifiedELBO(ELBO):
         value = torch_item(loss)
         warn_if_nan(value, "loss")
         return value
+
+
+class _Accumulator:
+    """Sums the log-densities of a trace's sites into per-draw local and global terms."""
+
+    def __init__(self, local: dict, nesting: int, zeros: torch.Tensor):
+        self.plates = local
+        self.nesting = nesting
+        self.zeros = zeros
+        self.reset()
+
+    def reset(self) -> None:
+        self.local = self.zeros.clone()
+        self.global_ = self.zeros.new_zeros(self.zeros.shape[:1])
+        self.global_varies = False
+
+    def add_trace(self, trace, sign: float) -> None:
+        nesting, local = self.nesting, self.plates
+        for site_name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if is_validation_enabled():
+                check_site_shape(site, nesting)
+            lp = torch.as_tensor(site["log_prob"], dtype=self.zeros.dtype, device=self.zeros.device)
+            if lp.dim() > nesting:
+                raise ValueError(
+                    f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with dimensions "
+                    f"left of the particle plate at dim {-nesting}. Declare every batch "
+                    "dimension of the model with pyro.plate (or move it into the event with "
+                    ".to_event()), or raise max_plate_nesting."
+                )
+            lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
+            names = {
+                f.name
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.name != _PARTICLE_PLATE
+            }
+            if set(local) <= names:
+                keep = {0} | {nesting + d for d in local.values()}
+                drop = [i for i in range(nesting) if i not in keep]
+                self.local = self.local + sign * (lp.sum(drop, keepdim=True) if drop else lp)
+            elif not set(local) & names:
+                self.global_varies = self.global_varies or lp.shape[0] > 1
+                self.global_ = self.global_ + sign * lp.reshape(lp.shape[0], -1).sum(-1)
+            else:
+                raise ValueError(
+                    f"site {site_name!r} lies in some but not all of the plates "
+                    f"{sorted(local)} of the stratified site; its terms cannot be assigned "
+                    "to data points"
+                )
 
 
 def _stratified_site(guide, trace) -> tuple[str, int]:

@@ -453,3 +453,40 @@ def test_autoguidelist_with_a_mixture_flow_is_stratified():
     loss_alone = StratifiedELBO(num_particles=2).loss(_a_only_model, mixture)
     log_p_b0 = float(dist.Normal(0.0, 1.0).log_prob(torch.tensor(b0)))
     assert loss_list == pytest.approx(loss_alone - log_p_b0, rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------------ models that do not vectorize
+_X = torch.linspace(-1, 1, 12).reshape(4, 3)
+_Y = torch.tensor([0.3, -0.2, 0.9, 1.4])
+
+
+def _matmul_model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)  # x @ w: not vectorized over draws
+
+
+def _broadcast_model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+
+@pytest.mark.parametrize("importance_weighted", [False, True])
+def test_a_model_that_does_not_vectorize_is_evaluated_draw_by_draw(importance_weighted):
+    """``x @ w`` fails inside the particle plate; the ELBO then runs the model once per draw
+    and gets exactly the loss of the same model written with broadcasting."""
+    losses = []
+    for model in (_broadcast_model, _matmul_model):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(5)
+        guide = AutoMixtureFlow(model, num_components=3, init_spread=1.0)
+        elbo = StratifiedELBO(num_particles=2, importance_weighted=importance_weighted)
+        pyro.set_rng_seed(6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses.append(elbo.differentiable_loss(model, guide, _X, _Y))
+        vectorize = [w for w in caught if "does not vectorize" in str(w.message)]
+        assert len(vectorize) == (1 if model is _matmul_model else 0)
+    assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-6)
+    assert losses[1].requires_grad
