@@ -56,7 +56,14 @@ def mixture_log_prob(
     :param torch.Tensor locs: shape ``(*batch, K, D)``.
     :param torch.Tensor scales: shape ``(*batch, K, D)``.
     :return: shape ``(*sample, *batch)``.
+    :raises ValueError: if a scale is not positive (checked outside a JIT trace only: one
+        reduction over ``scales``, so the call stays cheap).
     """
+    if not torch._C._get_tracing_state() and not bool((scales > 0).all()):
+        bad = scales[~(scales > 0)].flatten()[:3].tolist()
+        raise ValueError(
+            f"scales must be positive (the standard deviations of the components), got {bad}"
+        )
     log_weights = torch.log_softmax(logits, dim=-1)
     return torch.logsumexp(log_weights + component_log_prob(value, locs, scales), dim=-1)
 

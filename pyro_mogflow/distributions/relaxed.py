@@ -131,8 +131,12 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
         ):
             # torch's convention: a trailing singleton dim that lines up with K is per-batch.
             temperature = temperature.squeeze(-1)
-        if not torch._C._get_tracing_state() and not bool((temperature > 0).all()):
-            raise ValueError(f"temperature must be > 0, got {temperature.detach().cpu()}")
+        if not torch._C._get_tracing_state() and not bool(
+            ((temperature > 0) & torch.isfinite(temperature)).all()
+        ):
+            raise ValueError(
+                f"temperature must be finite and > 0, got {temperature.detach().cpu()}"
+            )
         try:
             batch_shape = torch.broadcast_shapes(logits.shape[:-1], temperature.shape)
         except RuntimeError as e:
