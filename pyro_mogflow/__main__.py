@@ -118,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except KeyboardInterrupt as e:
             # one line, not a traceback; what was finished has been written by run_demo
-            print(f"\n{e}" if str(e) else "\ninterrupted before any guide was fitted; nothing "
-                  "saved", file=sys.stderr)
+            print(
+                f"\n{e}" if str(e) else "\ninterrupted before any guide was fitted; nothing saved",
+                file=sys.stderr,
+            )
             return 130
     return 0
 

@@ -16,7 +16,8 @@ import numpy as np
 
 __all__ = ["MAX_SEED", "check_bool", "check_int", "check_real", "check_seed"]
 
-#: The largest seed accepted anywhere: numpy (through ``pyro.set_rng_seed``) takes seeds below 2**32.
+#: The largest seed accepted anywhere: numpy (through ``pyro.set_rng_seed``) takes seeds
+#: below 2**32.
 MAX_SEED = 2**32 - 1
 
 
