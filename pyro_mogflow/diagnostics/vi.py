@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validation import check_real
+from .._validation import check_real, check_seed
 from .export import to_inference_data
 from .groups import _group, _is_datatree, _is_inference_data
 from .importance import _evidence, _min_draws_for, good_k_threshold, psis
@@ -288,6 +288,7 @@ def vi_diagnostics(
     rhat_threshold = check_real("rhat_threshold", rhat_threshold, minimum=1.0)
     evidence_z = check_real("evidence_z", evidence_z, minimum=0.0)
     evidence_tol = check_real("evidence_tol", evidence_tol, minimum=0.0)
+    seed = check_seed("seed", seed, allow_none=True)
     if not isinstance(warn, bool):
         raise TypeError(f"warn must be a bool, got {type(warn).__name__}")
     if _is_inference_data(source) or _is_datatree(source):
