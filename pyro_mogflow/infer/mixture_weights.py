@@ -164,10 +164,15 @@ def balance_weights(
     return log_pi.exp()
 
 
-def natural_gradient_stepper(model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow):
+def natural_gradient_stepper(
+    model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow, check=None
+):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
 
-    ``freeze_flow()`` says whether the flow's parameters sit out this step.
+    ``freeze_flow()`` says whether the flow's parameters sit out this step. ``check(loss,
+    named)``, if given, is called after the backward pass and before anything moves, with
+    ``named`` mapping param-store names to the tensors the step would update; raising there
+    leaves every parameter (and the optimiser's state) as it was.
     """
 
     def step(*args, **kwargs) -> float:
@@ -175,8 +180,11 @@ def natural_gradient_stepper(model, guide, optim, elbo: StratifiedELBO, weight_s
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
             terms = log_ratio.mean(-1)
             loss = -(log_pi.exp() * terms).sum()
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        params = set(named.values())
         loss.backward()
+        if check is not None:
+            check(loss.detach(), named)
         if weight_step is not None:
             # Component k's parameters get pi_k times the gradient of its own term L_k: divide
             # it out (the Fisher metric of the mixture scales each component's block by pi_k),
