@@ -366,7 +366,10 @@ def fit(
             try:
                 value = float(step_fn(*args, **kwargs))
             except _NonFiniteStep as e:
-                where = e.where or _nonfinite_sites(target, guide, args, kwargs)
+                where = e.where
+                if e.what == "loss":
+                    sites = _nonfinite_sites(target, guide, args, kwargs)
+                    where = "; ".join(part for part in (sites, where) if part)
                 hint = _pathwise_hint(guide)
                 raise RuntimeError(
                     f"fit: the {e.what} became {e.value} at step {step} (beta {beta_now:.3g}); "
