@@ -353,6 +353,9 @@ class _Prototype:
     max_plate_nesting: int
     param_names: frozenset
     observed_values: dict
+    #: observed site -> bool array of its batch shape, False where ``obs_mask`` / ``poutine.mask``
+    #: hides an observation (only sites with such a mask)
+    observed_masks: dict = dataclasses.field(default_factory=dict)
 
 
 def _prototype(guide, model, args, kwargs, max_plate_nesting) -> _Prototype:
@@ -371,13 +374,17 @@ def _prototype(guide, model, args, kwargs, max_plate_nesting) -> _Prototype:
     latent = [s for s in sites.values() if s.kind == "latent"]
     if not latent:
         raise ValueError("the model has no latent sample site; there is no posterior to export")
-    observed_values = {}
+    observed_values, observed_masks = {}, {}
     for name, info in sites.items():
         if info.kind == "observed":
             value = model_trace.nodes[name]["value"]
             observed_values[name] = _numpy(torch.broadcast_to(value, info.shape))
+            mask = model_trace.nodes[name]["mask"]
+            if mask is not None and mask is not True:
+                mask = torch.as_tensor(mask, dtype=torch.bool, device=value.device)
+                observed_masks[name] = _numpy(torch.broadcast_to(mask, info.batch_shape))
     params = frozenset(n for n, s in guide_trace.nodes.items() if s["type"] == "param")
-    return _Prototype(sites, mpn, params, observed_values)
+    return _Prototype(sites, mpn, params, observed_values, observed_masks)
 
 
 @contextmanager

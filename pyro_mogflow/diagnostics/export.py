@@ -11,6 +11,9 @@ function) and the model:
 * ``log_likelihood`` -- pointwise :math:`\log p(y_i \mid z)` per observed site (unscaled, masked
   elements set to 0);
 * ``observed_data``;
+* ``constant_data`` (only for masked observed sites) -- ``{site}_obs_mask``, False where
+  Pyro's ``obs_mask`` or ``poutine.mask`` hides an observation; :func:`~pyro_mogflow.vi_loo`
+  does not count those as data points;
 * ``sample_stats`` -- ``lp`` :math:`= \log p(x, z)`, ``lp_approx`` :math:`= \log q(z)` and
   ``log_weight`` = ``lp - lp_approx`` (the importance weight of each draw), plus ``component``,
   the mixture component each :class:`~pyro_mogflow.AutoMixtureFlow` draw came from;
