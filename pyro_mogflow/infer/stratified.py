@@ -58,6 +58,17 @@ class _Terms(NamedTuple):
     sample: StratifiedSample
 
 
+_VECTORIZE_ADVICE = (
+    "StratifiedELBO evaluates every draw in one run of the model: each latent arrives with a "
+    "particle dimension of size K*n at dim {dim} (a vector w of shape (D,) arrives as "
+    "(K*n, 1, D) in a model with one plate), and the model must broadcast over it. Code such as "
+    "`X @ w` or `w.reshape(-1)` does not: write it with broadcasting, e.g. `(X * w).sum(-1)` "
+    "(or `w @ X.T`, checking where the result's dimensions land), and index with `...` "
+    "(`w[..., 0]`, not `w[0]`). Or train with Trace_ELBO and a sampling estimator "
+    "(AutoMixtureFlow(model, estimator='implicit')), which runs the model one draw at a time."
+)
+
+
 class StratifiedELBO(ELBO):
     r"""The ELBO of a mixture-flow guide with the sum over components exact.
 
@@ -239,9 +250,15 @@ class StratifiedELBO(ELBO):
         if stratify.sample is None:
             raise ValueError(f"the guide did not sample its stratified site {name!r} this step")
         particles = pyro.plate(_PARTICLE_PLATE, k * n, dim=-nesting)
-        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        try:
+            model_trace = poutine.trace(
+                poutine.replay(particles(model), trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise type(e)(
+                f"running the model on {k * n} particles at once (a pyro.plate of size K*n = "
+                f"{k}*{n} at dim {-nesting}) failed: {e}\n{_VECTORIZE_ADVICE.format(dim=-nesting)}"
+            ) from e
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, nesting)
         guide_trace = prune_subsample_sites(guide_trace)
@@ -266,10 +283,14 @@ class StratifiedELBO(ELBO):
                 )
                 if lp.dim() > nesting:
                     raise ValueError(
-                        f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with dimensions "
-                        f"left of the particle plate at dim {-nesting}. Declare every batch "
-                        "dimension of the model with pyro.plate (or move it into the event with "
-                        ".to_event()), or raise max_plate_nesting."
+                        f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with "
+                        f"dimensions left of the particle plate at dim {-nesting}. If the "
+                        "model's plates are all declared, the model does not vectorize over "
+                        f"particles: a latent drawn under the particle plate moved its particle "
+                        f"dimension elsewhere.\n{_VECTORIZE_ADVICE.format(dim=-nesting)}\n"
+                        "Otherwise declare every batch dimension of the model with pyro.plate "
+                        "(or move it into the event with .to_event()), or raise "
+                        "max_plate_nesting."
                     )
                 lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
                 names = {

@@ -453,3 +453,36 @@ def test_autoguidelist_with_a_mixture_flow_is_stratified():
     loss_alone = StratifiedELBO(num_particles=2).loss(_a_only_model, mixture)
     log_p_b0 = float(dist.Normal(0.0, 1.0).log_prob(torch.tensor(b0)))
     assert loss_list == pytest.approx(loss_alone - log_p_b0, rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------- models that do not vectorize
+def _matmul_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w, 0.1), obs=y)
+
+
+def _unsqueezed_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.sample("v", dist.Normal(w.unsqueeze(0), 1.0).to_event(1), obs=torch.zeros(3))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X * w).sum(-1), 0.1), obs=y)
+
+
+@pytest.mark.parametrize("model", [_matmul_model, _unsqueezed_model])
+def test_a_model_that_does_not_vectorize_over_particles_is_told_so(model):
+    from pyro_mogflow import fit
+
+    X = torch.randn(20, 3)
+    y = X @ torch.tensor([1.0, -1.0, 0.5])
+    pyro.clear_param_store()
+    guide = AutoMixtureFlow(model, num_components=2)
+    with pytest.raises(
+        (RuntimeError, ValueError), match=r"(?s)X @ w.*\(X \* w\).sum\(-1\).*Trace_ELBO"
+    ):
+        fit(model, X, y, guide=guide, num_steps=2, progress=False)
+    # and the advice works: a sampling estimator runs the model one draw at a time
+    pyro.clear_param_store()
+    guide = AutoMixtureFlow(model, num_components=2, estimator="implicit")
+    _, losses = fit(model, X, y, guide=guide, num_steps=2, progress=False)
+    assert len(losses) == 2
