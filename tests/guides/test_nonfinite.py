@@ -15,6 +15,7 @@ def model():
     pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
 
 
+@pytest.mark.filterwarnings("ignore:a mixture flow with estimator='stratified'")
 @pytest.mark.parametrize("estimator", ["stratified", "pathwise", "implicit"])
 def test_a_blown_up_plain_svi_loop_names_the_non_finite_parameter(estimator):
     pyro.clear_param_store()
