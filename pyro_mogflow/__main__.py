@@ -32,6 +32,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed numpy accepts, ``0 <= seed < 2**32 - 1`` (the demo uses seed
+    and seed + 1)."""
+    from ._validation import MAX_SEED
+
+    value = _nonnegative_int(text)
+    if value > MAX_SEED - 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED - 1}], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subcommand per job (``demo``)."""
     from .examples import demo
@@ -59,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=_nonnegative_int,
+        type=_seed,
         default=demo.DEFAULT_SEED,
         help=f"seed of the data and of the fits (default {demo.DEFAULT_SEED})",
     )
@@ -97,13 +108,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_out(args.out)
         except ValueError as e:
             args.command_parser.error(f"argument --out: {e}")
-        run_demo(
-            steps=args.steps,
-            seed=args.seed,
-            device=args.device,
-            out=args.out,
-            progress=not args.no_progress,
-        )
+        try:
+            run_demo(
+                steps=args.steps,
+                seed=args.seed,
+                device=args.device,
+                out=args.out,
+                progress=not args.no_progress,
+            )
+        except KeyboardInterrupt as e:
+            # one line, not a traceback; what was finished has been written by run_demo
+            print(
+                f"\n{e}" if str(e) else "\ninterrupted before any guide was fitted; nothing saved",
+                file=sys.stderr,
+            )
+            return 130
     return 0
 
 

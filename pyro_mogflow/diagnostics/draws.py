@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -208,7 +209,38 @@ def _guide_draws(guide, n, max_plate_nesting, args, kwargs):
         values[name] = site["value"]
     if log_q is None:
         raise ValueError("the guide drew no sample site; it has nothing to export")
+    _check_has_density(guide, trace)
     return values, log_q
+
+
+def _is_point_mass(fn) -> bool:
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def _check_has_density(guide, trace) -> None:
+    """Refuse a guide that puts point masses on the latent sites (``AutoDelta``, an unfitted
+    ``AutoLaplaceApproximation``): its "log q" is 0, so k-hat, ESS and the ELBO would be
+    meaningless. Pyro's autoguides also draw sites as ``Delta`` when they are a deterministic
+    function of an auxiliary site (``AutoNormal``, ``AutoMultivariateNormal``); those carry
+    the density of that site and pass."""
+    sites = [
+        (name, site)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+    if any(not _is_point_mass(site["fn"]) for _, site in sites):
+        return
+    names = [name for name, _ in sites]
+    raise ValueError(
+        f"the guide {type(guide).__name__} has no density: it puts a point mass (Delta) on "
+        f"every latent site ({', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}"
+        "), so log q is undefined and importance diagnostics (Pareto k-hat, ESS, ELBO, "
+        "evidence) would be meaningless. Use a guide with a density (AutoNormal, "
+        "AutoMultivariateNormal, AutoMixtureFlow), or for AutoLaplaceApproximation its "
+        "laplace_approximation()."
+    )
 
 
 @dataclasses.dataclass
@@ -321,6 +353,9 @@ class _Prototype:
     max_plate_nesting: int
     param_names: frozenset
     observed_values: dict
+    #: observed site -> bool array of its batch shape, False where ``obs_mask`` / ``poutine.mask``
+    #: hides an observation (only sites with such a mask)
+    observed_masks: dict = dataclasses.field(default_factory=dict)
 
 
 def _prototype(guide, model, args, kwargs, max_plate_nesting) -> _Prototype:
@@ -339,13 +374,17 @@ def _prototype(guide, model, args, kwargs, max_plate_nesting) -> _Prototype:
     latent = [s for s in sites.values() if s.kind == "latent"]
     if not latent:
         raise ValueError("the model has no latent sample site; there is no posterior to export")
-    observed_values = {}
+    observed_values, observed_masks = {}, {}
     for name, info in sites.items():
         if info.kind == "observed":
             value = model_trace.nodes[name]["value"]
             observed_values[name] = _numpy(torch.broadcast_to(value, info.shape))
+            mask = model_trace.nodes[name]["mask"]
+            if mask is not None and mask is not True:
+                mask = torch.as_tensor(mask, dtype=torch.bool, device=value.device)
+                observed_masks[name] = _numpy(torch.broadcast_to(mask, info.batch_shape))
     params = frozenset(n for n, s in guide_trace.nodes.items() if s["type"] == "param")
-    return _Prototype(sites, mpn, params, observed_values)
+    return _Prototype(sites, mpn, params, observed_values, observed_masks)
 
 
 @contextmanager

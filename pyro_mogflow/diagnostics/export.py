@@ -11,6 +11,9 @@ function) and the model:
 * ``log_likelihood`` -- pointwise :math:`\log p(y_i \mid z)` per observed site (unscaled, masked
   elements set to 0);
 * ``observed_data``;
+* ``constant_data`` (only for masked observed sites) -- ``{site}_obs_mask``, False where
+  Pyro's ``obs_mask`` or ``poutine.mask`` hides an observation; :func:`~pyro_mogflow.vi_loo`
+  does not count those as data points;
 * ``sample_stats`` -- ``lp`` :math:`= \log p(x, z)`, ``lp_approx`` :math:`= \log q(z)` and
   ``log_weight`` = ``lp - lp_approx`` (the importance weight of each draw), plus ``component``,
   the mixture component each :class:`~pyro_mogflow.AutoMixtureFlow` draw came from;
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING
 import pyro
 import torch
 
-from .._validation import check_bool, check_int
+from .._validation import check_bool, check_int, check_seed
 from .draws import _draw_chain, _prototype, _seeded
 from .groups import _arviz_major, _as_datatree, _as_inference_data, _build_groups
 
@@ -182,8 +185,7 @@ def to_inference_data(
     num_samples = check_int("num_samples", num_samples, 1)
     batch_size = check_int("batch_size", batch_size, 1, allow_none=True) or num_samples
     max_plate_nesting = check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
-    if seed is not None:
-        check_int("seed", seed, 0)
+    seed = check_seed("seed", seed, allow_none=True)
     want = {
         "posterior_predictive": check_bool("posterior_predictive", posterior_predictive),
         "log_likelihood": check_bool("log_likelihood", log_likelihood),

@@ -100,6 +100,10 @@ def _attrs(guides: list) -> dict:
     }
 
 
+#: ``constant_data[site + MASK_SUFFIX]``: False where a mask hides an observation of ``site``.
+MASK_SUFFIX = "_obs_mask"
+
+
 def _build_groups(chains, proto: _Prototype, coords, dims, guides, want) -> dict:
     """The groups as ``xarray.Dataset`` s: the part shared by every ArviZ version."""
     import xarray as xr
@@ -192,6 +196,19 @@ def _build_groups(chains, proto: _Prototype, coords, dims, guides, want) -> dict
             array = np.squeeze(array, axis=squeeze) if squeeze else array
             obs_vars[n] = (tuple(d for d in plan if d is not None), np.array(array, copy=True))
         groups["observed_data"] = dataset(obs_vars, sample_dims=False)
+    if proto.observed_masks:
+        # Which observations a mask (Pyro's obs_mask, poutine.mask) hides: their log-likelihood
+        # is recorded as 0 and they are not data points (vi_loo skips them).
+        mask_vars = {}
+        for n, array in proto.observed_masks.items():
+            plan = plans[n][: array.ndim]
+            squeeze = tuple(j for j, d in enumerate(plan) if d is None)
+            array = np.squeeze(array, axis=squeeze) if squeeze else array
+            mask_vars[f"{n}{MASK_SUFFIX}"] = (
+                tuple(d for d in plan if d is not None),
+                np.array(array, copy=True),
+            )
+        groups["constant_data"] = dataset(mask_vars, sample_dims=False)
     return groups
 
 

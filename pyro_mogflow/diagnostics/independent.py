@@ -23,7 +23,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
 
 from .._param_store import first_free_prefix
-from .._validation import check_int
+from .._validation import check_int, check_seed
 from ..guides import AutoMixtureFlow
 from .export import _check_model_args, to_inference_data
 from .vi import VIDiagnostics, _RunsWithTheirModel, vi_diagnostics
@@ -168,7 +168,7 @@ def fit_independent(
         )
     num_runs = check_int("num_runs", num_runs, 2)
     num_steps = check_int("num_steps", num_steps, 1)
-    seed = check_int("seed", seed, 0)
+    seed = check_seed("seed", seed, offset=num_runs - 1)
     args, kwargs = _check_model_args(model_args, model_kwargs)
     if optim is None:
         optim = pyro.optim.Adam({"lr": 0.01})

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._validation import check_bool
-from .groups import _arviz_major, _group
+from .groups import MASK_SUFFIX, _arviz_major, _group
 from .importance import good_k_threshold, psis
 
 __all__ = ["vi_loo"]
@@ -85,8 +85,23 @@ def vi_loo(
         var_name = names[0]
     elif var_name not in names:
         raise ValueError(f"var_name={var_name!r} is not an observed site; choose from {names}")
+    constants = _group(data, "constant_data")
+    mask = None
+    if constants is not None and f"{var_name}{MASK_SUFFIX}" in constants:
+        mask = constants[f"{var_name}{MASK_SUFFIX}"]
+        if not bool(mask.any()):
+            raise ValueError(
+                f"every observation of {var_name!r} is masked (obs_mask / poutine.mask): there "
+                "are no data points to leave out"
+            )
     if _arviz_major() >= 1:  # pragma: no cover - ArviZ >= 1 needs Python >= 3.12
         from arviz_stats import loo_approximate_posterior
+
+        if mask is not None:
+            raise NotImplementedError(
+                "vi_loo with masked observations needs ArviZ < 1 for now; drop the masked "
+                "observations from the data before exporting"
+            )
 
         return loo_approximate_posterior(
             data,
@@ -95,16 +110,25 @@ def vi_loo(
             pointwise=pointwise,
             var_name=var_name,
         )
-    return _vi_loo_arviz0(log_lik_group[var_name], stats, pointwise)
+    return _vi_loo_arviz0(log_lik_group[var_name], stats, pointwise, mask)
 
 
-def _vi_loo_arviz0(log_lik, stats, pointwise: bool):
+def _vi_loo_arviz0(log_lik, stats, pointwise: bool, mask=None):
     import xarray as xr
     from arviz.stats.stats_utils import ELPDData
 
     obs_dims = [d for d in log_lik.dims if d not in ("chain", "draw")]
     ll = log_lik.stack(__sample__=("chain", "draw")).transpose(*obs_dims, "__sample__")
     ll_values = np.asarray(ll.values, dtype=np.float64)
+    shape = ll.shape[:-1]
+    keep = None
+    if mask is not None:
+        # masked observations are not data points: their log-likelihood is a recorded 0
+        keep = np.broadcast_to(
+            np.asarray(mask.transpose(*[d for d in obs_dims if d in mask.dims]).values, bool),
+            shape,
+        ).reshape(-1)
+        ll_values = ll_values.reshape(-1, ll_values.shape[-1])[keep]
     n_samples = ll_values.shape[-1]
     log_w = np.asarray(
         (stats["lp"] - stats["lp_approx"]).stack(__sample__=("chain", "draw")).values,
@@ -143,11 +167,20 @@ def _vi_loo_arviz0(log_lik, stats, pointwise: bool):
     }
     if pointwise:
         obs_coords = {d: log_lik.coords[d] for d in obs_dims if d in log_lik.coords}
-        shape = ll.shape[:-1]
+        if keep is not None:  # NaN at the masked observations
+            elpd_i, pareto_k = _unmask(elpd_i, keep), _unmask(pareto_k, keep)
         loo_i = xr.DataArray(np.reshape(elpd_i, shape), dims=obs_dims, coords=obs_coords)
         khat = xr.DataArray(np.reshape(pareto_k, shape), dims=obs_dims, coords=obs_coords)
         fields["loo_i"] = loo_i.rename("loo_i")
         fields["pareto_k"] = khat.rename("pareto_shape")
     fields["scale"] = "log"
+    if keep is not None:
+        fields["n_masked"] = int((~keep).sum())
     fields["good_k"] = good_k
     return ELPDData(data=list(fields.values()), index=list(fields))
+
+
+def _unmask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    full = np.full(keep.shape, np.nan)
+    full[keep] = values
+    return full

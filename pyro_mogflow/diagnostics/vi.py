@@ -37,13 +37,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validation import check_real
+from .._validation import check_real, check_seed
 from .export import to_inference_data
 from .groups import _group, _is_datatree, _is_inference_data
 from .importance import _evidence, _min_draws_for, good_k_threshold, psis
@@ -118,6 +119,11 @@ class VIDiagnostics:
         the fraction of each run's draws that came from each component; else ``None``.
     :ivar component_mass_psis: shape ``(R, K)``: the same masses after Pareto-smoothed
         importance reweighting (the posterior mass each component accounts for); else ``None``.
+    :ivar component_groups: per run, the components grouped by the mode their draws sit on
+        (:func:`~pyro_mogflow.guides.summaries.group_components` on each component's draw mean
+        and spread), heaviest first: dicts with ``"components"``, ``"mass"`` (under q) and
+        ``"mass_psis"``; ``None`` without component labels. ``print`` shows these groups and
+        the components that matter, not all ``K`` masses.
     :ivar tuple warnings: plain-language problems found, each with advice; empty if none.
     :ivar tuple notes: caveats that are not failures (e.g. a single run cannot reveal a missed
         mode).
@@ -144,6 +150,7 @@ class VIDiagnostics:
     component_mass_psis: np.ndarray | None
     warnings: tuple = ()
     notes: tuple = ()
+    component_groups: tuple | None = None
 
     @property
     def ok(self) -> bool:
@@ -168,13 +175,19 @@ class VIDiagnostics:
             lines.append(f"  log Z per run     {per_run}")
         if self.component_mass is not None:
             for r in range(self.num_runs):
-                before = " ".join(f"{m:.2f}" for m in self.component_mass[r])
-                after = " ".join(f"{m:.2f}" for m in self.component_mass_psis[r])
-                lines.append(f"  run {r} component masses  q: {before}  ->  PSIS: {after}")
-        for w in self.warnings:
-            lines.append(f"  WARNING: {w}")
-        for n in self.notes:
-            lines.append(f"  note: {n}")
+                groups = None if self.component_groups is None else self.component_groups[r]
+                lines.extend(
+                    _component_summary(
+                        r, self.component_mass[r], self.component_mass_psis[r], groups
+                    )
+                )
+        for prefix, texts in (("WARNING: ", self.warnings), ("note: ", self.notes)):
+            for text in texts:
+                lines.extend(
+                    textwrap.wrap(
+                        prefix + text, width=100, initial_indent="  ", subsequent_indent="    "
+                    )
+                )
         if not self.warnings:
             lines.append("  no problems found")
         return "\n".join(lines)
@@ -206,6 +219,86 @@ def _rhat(posterior) -> tuple[float | None, dict]:
         if finite.size:
             per_var[str(name)] = float(finite.max())
     return (max(per_var.values()) if per_var else None), per_var
+
+
+#: Components below this share of the mass (under q and after PSIS) are summed, not listed.
+_SHOWN_MASS = 0.01
+#: At most this many groups (modes) are listed per run.
+_SHOWN_GROUPS = 8
+
+
+def _component_summary(run: int, mass: np.ndarray, mass_psis: np.ndarray, groups) -> list:
+    """Lines for one run's component masses: the modes, and the components that matter."""
+    k = len(mass)
+    matter = int(((mass >= _SHOWN_MASS) | (mass_psis >= _SHOWN_MASS)).sum())
+    if groups is None:  # no positions to group by: one group per component
+        groups = [
+            {"components": [i], "mass": float(mass[i]), "mass_psis": float(mass_psis[i])}
+            for i in np.argsort(-mass_psis)
+        ]
+    big = [g for g in groups if max(g["mass"], g["mass_psis"]) >= _SHOWN_MASS]
+    lines = [
+        f"  run {run}: {k} components, {matter} with at least {_SHOWN_MASS:.0%} of the mass, "
+        f"on {len(big)} mode(s)  [mass under q -> after PSIS]"
+    ]
+    for i, g in enumerate(big[:_SHOWN_GROUPS]):
+        members = [c for c in g["components"] if max(mass[c], mass_psis[c]) >= _SHOWN_MASS]
+        listed = ", ".join(f"#{c} {mass[c]:.2f}->{mass_psis[c]:.2f}" for c in members[:6])
+        rest = len(g["components"]) - min(len(members), 6)
+        if rest:
+            listed += f", +{rest} smaller"
+        text = (
+            f"mode {i + 1}: {g['mass']:.2f} -> {g['mass_psis']:.2f} "
+            f"({len(g['components'])} component(s): {listed})"
+        )
+        lines.extend(
+            textwrap.wrap(text, width=96, initial_indent="    ", subsequent_indent="      ")
+        )
+    rest = groups[len(big[:_SHOWN_GROUPS]) :]
+    if rest:
+        q = sum(g["mass"] for g in rest)
+        p = sum(g["mass_psis"] for g in rest)
+        n = sum(len(g["components"]) for g in rest)
+        lines.append(f"    other {n} component(s): {q:.2f} -> {p:.2f}")
+    return lines
+
+
+def _component_groups(posterior, component, mass, mass_psis) -> tuple | None:
+    """Per run, components grouped by where their draws lie (see ``component_groups``)."""
+    from ..guides.summaries import group_components
+
+    if posterior is None or not len(posterior.data_vars):
+        return None
+    runs, draws = component.shape
+    parts = []
+    for name in posterior.data_vars:
+        v = posterior[name]
+        v = v.transpose("chain", "draw", *[d for d in v.dims if d not in ("chain", "draw")])
+        parts.append(np.asarray(v.values, dtype=np.float64).reshape(runs, draws, -1))
+    values = np.concatenate(parts, axis=-1)  # (R, S, P)
+    out = []
+    for r in range(runs):
+        used = np.unique(component[r])
+        means = np.stack([values[r, component[r] == c].mean(0) for c in used])
+        spread = np.stack([values[r, component[r] == c].std(0) for c in used])
+        spread = np.maximum(spread, 1e-9 * (1 + np.abs(means)))
+        groups = []
+        for g in group_components(means, spread, mass_psis[r, used]):
+            members = [int(used[i]) for i in g["components"]]
+            members.sort(key=lambda c: -mass_psis[r, c])
+            groups.append(
+                {
+                    "components": members,
+                    "mass": float(mass[r, members].sum()),
+                    "mass_psis": float(mass_psis[r, members].sum()),
+                }
+            )
+        unused = [c for c in range(mass.shape[1]) if c not in set(used.tolist())]
+        if unused:
+            groups.append({"components": unused, "mass": 0.0, "mass_psis": 0.0})
+        groups.sort(key=lambda g: -max(g["mass_psis"], g["mass"]))
+        out.append(tuple(groups))
+    return tuple(out)
 
 
 def _component_masses(
@@ -288,6 +381,7 @@ def vi_diagnostics(
     rhat_threshold = check_real("rhat_threshold", rhat_threshold, minimum=1.0)
     evidence_z = check_real("evidence_z", evidence_z, minimum=0.0)
     evidence_tol = check_real("evidence_tol", evidence_tol, minimum=0.0)
+    seed = check_seed("seed", seed, allow_none=True)
     if not isinstance(warn, bool):
         raise TypeError(f"warn must be a bool, got {type(warn).__name__}")
     if _is_inference_data(source) or _is_datatree(source):
@@ -365,11 +459,12 @@ def _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn) -> VIDiagnos
     if runs > 1:
         rhat, rhat_per_var = _rhat(_group(data, "posterior"))
 
-    mass = mass_psis = None
+    mass = mass_psis = component_groups = None
     if "component" in stats:
         component = np.asarray(stats["component"].transpose("chain", "draw").values).astype(int)
         k = int(stats.attrs.get("num_components", component.max() + 1))
         mass, mass_psis = _component_masses(component, smoothed_runs, k)
+        component_groups = _component_groups(_group(data, "posterior"), component, mass, mass_psis)
 
     threshold = good_k_threshold(draws)
     found: list[str] = []
@@ -459,4 +554,5 @@ def _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn) -> VIDiagnos
         component_mass_psis=mass_psis,
         warnings=tuple(found),
         notes=tuple(notes),
+        component_groups=component_groups,
     )

@@ -56,7 +56,14 @@ def mixture_log_prob(
     :param torch.Tensor locs: shape ``(*batch, K, D)``.
     :param torch.Tensor scales: shape ``(*batch, K, D)``.
     :return: shape ``(*sample, *batch)``.
+    :raises ValueError: if a scale is not positive (checked outside a JIT trace only: one
+        reduction over ``scales``, so the call stays cheap).
     """
+    if not torch._C._get_tracing_state() and not bool((scales > 0).all()):
+        bad = scales[~(scales > 0)].flatten()[:3].tolist()
+        raise ValueError(
+            f"scales must be positive (the standard deviations of the components), got {bad}"
+        )
     log_weights = torch.log_softmax(logits, dim=-1)
     return torch.logsumexp(log_weights + component_log_prob(value, locs, scales), dim=-1)
 
@@ -127,16 +134,42 @@ def check_mixture_params(logits, locs, scales) -> tuple[torch.Tensor, torch.Tens
         ) from e
     if not torch._C._get_tracing_state():
         if bool(torch.isnan(logits).any()) or bool((logits == math.inf).any()):
-            raise ValueError("logits must not be NaN or +inf (-inf disables a component)")
+            raise ValueError(
+                "logits must not be NaN or +inf (-inf disables a component)" + _blown_up_hint()
+            )
         if not bool(torch.isfinite(locs).all()):
-            raise ValueError("locs must be finite")
+            raise ValueError("locs must be finite" + _blown_up_hint())
         if not bool((scales > 0).all()) or not bool(torch.isfinite(scales).all()):
-            raise ValueError("scales must be positive and finite")
+            raise ValueError("scales must be positive and finite" + _blown_up_hint())
     d = shape[-1]
     return (
         logits.expand(batch + (k,)),
         locs.expand(batch + (k, d)),
         scales.expand(batch + (k, d)),
+    )
+
+
+def _blown_up_hint() -> str:
+    """When mixture parameters are not finite, say whether a guide's training blew up.
+
+    Only runs on the error path: it scans Pyro's param store for non-finite parameters.
+    """
+    import pyro
+
+    bad = [
+        name
+        for name, p in pyro.get_param_store().named_parameters()
+        if not bool(torch.isfinite(p).all())
+    ]
+    if not bad:
+        return ""
+    return (
+        f". The cause: guide parameter(s) {bad[:5]} in Pyro's param store are NaN or infinite, "
+        "so training has blown up (an optimisation step applied non-finite gradients). Lower "
+        "the learning rate or check the model's log-density; estimator='pathwise' (Pyro's "
+        "MixtureOfDiagNormals) overflows in float32 from a latent dimension of about 20-60 "
+        "(use the default 'stratified' or float64). pyro_mogflow.fit() refuses such a step and "
+        "keeps the guide as it was; reload a checkpoint or rebuild the guide to continue"
     )
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
+from .._validation import check_int
 from .density import (
     _as_tensor,
     check_mixture_params,
@@ -116,10 +117,7 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
     ):
         if density not in DENSITIES:
             raise ValueError(f"density must be one of {DENSITIES}, got {density!r}")
-        if isinstance(num_nested, bool) or not isinstance(num_nested, int):
-            raise TypeError(f"num_nested must be an int, got {type(num_nested).__name__}")
-        if num_nested < 1:
-            raise ValueError(f"num_nested must be >= 1, got {num_nested}")
+        num_nested = check_int("num_nested", num_nested, 1)
         logits, locs, scales = check_mixture_params(logits, locs, scales)
         temperature = _as_tensor("temperature", temperature, like=logits)
         if not temperature.is_floating_point():
@@ -131,8 +129,12 @@ class RelaxedMixtureOfDiagNormals(TorchDistribution):
         ):
             # torch's convention: a trailing singleton dim that lines up with K is per-batch.
             temperature = temperature.squeeze(-1)
-        if not torch._C._get_tracing_state() and not bool((temperature > 0).all()):
-            raise ValueError(f"temperature must be > 0, got {temperature.detach().cpu()}")
+        if not torch._C._get_tracing_state() and not bool(
+            ((temperature > 0) & torch.isfinite(temperature)).all()
+        ):
+            raise ValueError(
+                f"temperature must be finite and > 0, got {temperature.detach().cpu()}"
+            )
         try:
             batch_shape = torch.broadcast_shapes(logits.shape[:-1], temperature.shape)
         except RuntimeError as e:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from pyro_mogflow import AutoMixtureFlow
 from pyro_mogflow import fit as fit_mixture
-from pyro_mogflow._validation import check_int
+from pyro_mogflow._validation import check_int, check_seed
 
 from .demo_plot import plot_posteriors
 from .regression import sign_regression
@@ -66,6 +66,7 @@ __all__ = [
     "NUM_EVAL_SAMPLES",
     "GuideReport",
     "DemoResult",
+    "DemoInterrupted",
     "demo_target",
     "make_guides",
     "fit_guide",
@@ -113,6 +114,11 @@ class GuideReport:
     losses: list
 
 
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run_demo` after some guides were fitted; their results were
+    written to the output folder (``results.json`` says ``"interrupted": true``)."""
+
+
 @dataclasses.dataclass
 class DemoResult:
     """The demo's outcome: the target, one :class:`GuideReport` per guide, the files written."""
@@ -137,7 +143,8 @@ def _check_steps(steps) -> int:
 
 
 def _check_seed(seed) -> int:
-    return check_int("seed", seed, 0)
+    # the fits use seed and seed + 1
+    return check_seed("seed", seed, offset=1)
 
 
 def _check_device(device) -> torch.device:
@@ -163,7 +170,40 @@ def _check_out(out) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out must be a folder, but {str(path)!r} exists and is not a folder")
+    _check_writable(path)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Raise ``ValueError`` unless files can be written in the folder ``path`` (created if
+    missing), before any work is done; leaves the file system as it found it."""
+    created = []
+    missing = path.absolute()
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
+    if not missing.is_dir():
+        raise ValueError(
+            f"out must be a folder, but {str(missing)!r} (above {str(path)!r}) is a file, so "
+            "no folder can be made under it"
+        )
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        probe = path / f".mogflow-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"out must be a folder the demo can write to, but writing in {str(path)!r} failed: "
+            f"{e.strerror or e}; choose another --out"
+        ) from e
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------------------------ parts
@@ -358,7 +398,11 @@ def run_demo(
     :param out: output folder (created if missing).
     :param bool progress: show tqdm progress bars (on stderr).
     :param stream: where the table goes (default ``sys.stdout``).
-    :raises ValueError, TypeError: on a bad argument, before any work.
+    :raises ValueError, TypeError: on a bad argument, before any work (an ``out`` that cannot
+        be written to included).
+    :raises KeyboardInterrupt: on Ctrl-C; a :class:`DemoInterrupted` (a ``KeyboardInterrupt``)
+        when some guides were fitted before it: their table is printed and their results are
+        written to ``out`` first.
     """
     steps = _check_steps(steps)
     seed = _check_seed(seed)
@@ -370,24 +414,32 @@ def run_demo(
     print(f"model: {target.description}; exact log Z = {target.log_z:.3f}", file=stream)
     pyro.clear_param_store()
     reports = []
-    for name, guide in make_guides(target).items():
-        # each guide's random initialisation and fit depend on the seed only, not on the order
-        pyro.set_rng_seed(seed)
-        seconds, losses = fit_guide(target, guide, steps, desc=name, progress=progress)
-        pyro.set_rng_seed(seed + 1)
-        ev = evaluate_guide(target, guide)
-        reports.append(
-            GuideReport(
-                name=name,
-                mode_masses=ev["mode_masses"],
-                modes_found=ev["modes_found"],
-                elbo=ev["elbo"],
-                elbo_se=ev["elbo_se"],
-                fit_seconds=seconds,
-                samples=ev["samples"],
-                losses=losses,
+    guides = make_guides(target)
+    interrupted = False
+    try:
+        for name, guide in guides.items():
+            # each guide's random initialisation and fit depend on the seed only, not on the order
+            pyro.set_rng_seed(seed)
+            seconds, losses = fit_guide(target, guide, steps, desc=name, progress=progress)
+            pyro.set_rng_seed(seed + 1)
+            ev = evaluate_guide(target, guide)
+            reports.append(
+                GuideReport(
+                    name=name,
+                    mode_masses=ev["mode_masses"],
+                    modes_found=ev["modes_found"],
+                    elbo=ev["elbo"],
+                    elbo_se=ev["elbo_se"],
+                    fit_seconds=seconds,
+                    samples=ev["samples"],
+                    losses=losses,
+                )
             )
-        )
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was finished (the guides already fitted), then stop.
+        interrupted = True
+        if not reports:
+            raise
     table = format_table(target, reports)
     print(table, file=stream)
     print(
@@ -425,7 +477,15 @@ def run_demo(
             for r in reports
         },
     }
+    if interrupted:
+        summary["interrupted"] = True
+        summary["not_fitted"] = [name for name in guides if name not in summary["guides"]]
     json_path = out / "results.json"
     json_path.write_text(json.dumps(summary, indent=2))
     print(f"saved {png} and {json_path}", file=stream)
+    if interrupted:
+        raise DemoInterrupted(
+            f"interrupted; the guides fitted before it ({', '.join(r.name for r in reports)}) "
+            f"are saved in {png} and {json_path}"
+        )
     return DemoResult(target=target, reports=reports, table=table, png=png, json=json_path)

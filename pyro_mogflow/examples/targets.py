@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyro_mogflow._validation import check_int
+from pyro_mogflow._validation import check_int, check_seed
 
 __all__ = ["Target", "mode_masses"]
 
@@ -51,8 +51,7 @@ def _check_dtype(dtype) -> torch.dtype:
 
 
 def _generator(seed) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_seed("seed", seed)
     # Draw on the CPU and move the data afterwards: the same seed then gives the same data on
     # every device.
     return torch.Generator(device="cpu").manual_seed(int(seed))

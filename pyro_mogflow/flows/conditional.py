@@ -9,6 +9,7 @@ import pyro.distributions.transforms as T
 from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 
+from .._validation import check_int
 from .plain import _hidden, _spline_kwargs, stack_layers
 
 __all__ = ["CONDITIONAL_FLOWS", "ConditionalFlowSpec", "build_conditional_flow"]
@@ -87,6 +88,7 @@ def build_conditional_flow(
     """
     if flow is None:
         return nn.ModuleList()
+    num_flows = check_int("num_flows", num_flows, 1)
     if isinstance(flow, str):
         if flow not in CONDITIONAL_FLOWS:
             raise ValueError(

@@ -22,6 +22,8 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Transform
 
+from .._validation import check_bool, check_int
+
 __all__ = [
     "FLOWS",
     "FlowSpec",
@@ -55,6 +57,7 @@ class FlowSpec:
 
 
 FLOWS: dict[str, FlowSpec] = {}
+_BUILTIN_FLOWS: frozenset = frozenset()  # set once the built-ins below are registered
 
 
 def register_flow(
@@ -64,12 +67,32 @@ def register_flow(
     invertible: bool,
     min_dim: int = 1,
     description: str = "",
+    override: bool = False,
 ) -> None:
-    """Register a flow layer under ``name`` so ``AutoMixtureFlow(flow=name)`` can build it."""
+    """Register a flow layer under ``name`` so ``AutoMixtureFlow(flow=name)`` can build it.
+
+    :param str name: the name to register (a non-empty str).
+    :param callable builder: ``builder(latent_dim, hidden_dims, **kwargs) -> Transform``.
+    :param bool invertible: whether the layer can score points it did not produce.
+    :param int min_dim: the smallest latent dimension the layer supports (``>= 1``).
+    :param str description: one line for the docs and error messages.
+    :param bool override: allow replacing a built-in flow (default False: registering a
+        built-in name raises ``ValueError``; a name you registered yourself can be replaced).
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     if not callable(builder):
         raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    invertible = check_bool("invertible", invertible)
+    min_dim = check_int("min_dim", min_dim, 1)
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {type(description).__name__}")
+    override = check_bool("override", override)
+    if name in _BUILTIN_FLOWS and not override:
+        raise ValueError(
+            f"flow {name!r} is a built-in flow; pass override=True to replace it, or choose "
+            "another name"
+        )
     FLOWS[name] = FlowSpec(builder, invertible, min_dim, description)
 
 
@@ -208,6 +231,9 @@ register_flow(
     description="NAF (Huang et al. 2018), forward-only",
 )
 
+#: The names registered by this module; replacing one needs ``override=True``.
+_BUILTIN_FLOWS = frozenset(FLOWS)
+
 _FORWARD_ONLY_TYPES = (
     T.Planar,
     T.Radial,
@@ -324,6 +350,8 @@ def build_flow(
     """
     if flow is None:
         return None
+    latent_dim = check_int("latent_dim", latent_dim, 1)
+    num_flows = check_int("num_flows", num_flows, 1)
     if isinstance(flow, str):
         if flow not in FLOWS:
             raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")

@@ -202,6 +202,14 @@ class AmortizedMixtureFlow(EstimatorState, nn.Module):
             raise ValueError(
                 f"x must have shape (*batch, context_dim={self.context_dim}), got {tuple(x.shape)}"
             )
+        if x.numel() == 0:
+            # A deliberate refusal: the mixture's distributions cannot be built on an empty
+            # batch, and an empty minibatch is almost always a data-loading slip.
+            raise ValueError(
+                f"x has an empty batch (shape {tuple(x.shape)}): AmortizedMixtureFlow needs at "
+                "least one context row; skip empty minibatches (e.g. DataLoader(..., "
+                "drop_last=True) or `if len(x) == 0: continue`)"
+            )
         if x.dtype != ref.dtype:
             raise TypeError(
                 f"x has dtype {x.dtype} but the module's parameters are {ref.dtype}; pass "
@@ -242,6 +250,8 @@ class AmortizedMixtureFlow(EstimatorState, nn.Module):
             returns, so importance weights need the exact draws).
         :return: a :class:`~pyro_mogflow.distributions.MixtureFlow`, batch shape ``batch``,
             event shape ``(latent_dim,)``.
+        :raises ValueError: if ``x`` has an empty batch (no rows): refused with a clear message
+            rather than returning an empty distribution.
         """
         options = self._estimator_kwargs(estimator)
         logits, locs, scales, h = self.encode(x)

@@ -318,22 +318,42 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     @torch.no_grad()
     def components(self, *args, **kwargs) -> dict:
         """The modes the guide found: each component's weight and its mean pushed through the
-        flow and the constraints.
+        flow and the constraints, and the components grouped by the mode they sit on.
+
+        Several components often share one mode (64 components on a two-mode posterior end up
+        as two groups of near-copies); ``"groups"`` merges components whose means lie within
+        :data:`~pyro_mogflow.guides.summaries.GROUP_TOLERANCE` of their scales of each other
+        (see :func:`~pyro_mogflow.guides.summaries.group_components`), weights summed.
 
         :return: a dict with ``"weights"`` (shape ``(K,)``, summing to one), ``"latent"``
-            (shape ``(K, D)``, the component means mapped through the flow, unconstrained) and
-            ``"values"`` (dict site name -> tensor ``(K, *site_shape)``, constrained). Rows are in
-            component order; sort by ``weights`` to rank them.
+            (shape ``(K, D)``, the component means mapped through the flow, unconstrained),
+            ``"values"`` (dict site name -> tensor ``(K, *site_shape)``, constrained) and
+            ``"groups"``: a list, heaviest first, of dicts with ``"components"`` (indices,
+            heaviest first), ``"weight"`` (summed), ``"latent"`` (shape ``(D,)``, the heaviest
+            member's mean through the flow) and ``"values"`` (its constrained sites). Rows of
+            the per-component entries are in component order; sort by ``weights`` to rank them.
         """
+        from .summaries import group_components  # (kept inside: the rest of this module is
+        # another change's; a module-level import belongs with it)
+
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         locs = self.locs.detach()
         latent = locs if self.flow is None else self.flow(locs)
-        return {
-            "weights": torch.softmax(self.logits.detach(), -1),
-            "latent": latent,
-            "values": self._constrain(latent),
-        }
+        weights = torch.softmax(self.logits.detach(), -1)
+        values = self._constrain(latent)
+        groups = []
+        for group in group_components(locs, self.scales.detach(), weights):
+            top = group["components"][0]
+            groups.append(
+                {
+                    "components": group["components"],
+                    "weight": group["weight"],
+                    "latent": latent[top],
+                    "values": {name: v[top] for name, v in values.items()},
+                }
+            )
+        return {"weights": weights, "latent": latent, "values": values, "groups": groups}
 
     # ---------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -7,7 +7,58 @@ from torch.distributions import biject_to
 
 from .._validation import check_int
 
-__all__ = ["SampleSummaries"]
+__all__ = ["SampleSummaries", "group_components"]
+
+#: Components whose means differ by at most this many of their scales (in every coordinate)
+#: sit on the same mode.
+GROUP_TOLERANCE = 3.0
+
+
+def group_components(locs, scales, weights, tolerance: float = GROUP_TOLERANCE) -> list:
+    r"""Group mixture components that sit on the same mode.
+
+    Components :math:`i` and :math:`j` are linked when their means lie within ``tolerance``
+    of their combined scale in every coordinate,
+    :math:`\max_d |\mu_{id} - \mu_{jd}| / \sqrt{\sigma_{id}^2 + \sigma_{jd}^2} \le`
+    ``tolerance``; a group is a connected set of linked components (single linkage).
+
+    :param locs: component means, array-like of shape ``(K, D)``.
+    :param scales: component scales, shape ``(K, D)`` (positive).
+    :param weights: component weights, shape ``(K,)``.
+    :param float tolerance: the link distance in scales (default 3).
+    :return: a list of groups, heaviest first; each a dict with ``"components"`` (component
+        indices, heaviest first), ``"weight"`` (their summed weight) and ``"mean"`` (their
+        weighted mean, a tensor of shape ``(D,)``).
+    """
+    locs = torch.as_tensor(locs, dtype=torch.float64)
+    scales = torch.as_tensor(scales, dtype=torch.float64).expand_as(locs)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    k = locs.shape[0]
+    diff = (locs.unsqueeze(1) - locs.unsqueeze(0)).abs()  # (K, K, D)
+    spread = (scales.unsqueeze(1) ** 2 + scales.unsqueeze(0) ** 2).sqrt()
+    linked = (diff <= tolerance * spread).all(-1)  # (K, K)
+    parent = list(range(k))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in torch.nonzero(torch.triu(linked, 1)).tolist():
+        parent[root(i)] = root(j)
+    members: dict = {}
+    for i in range(k):
+        members.setdefault(root(i), []).append(i)
+    groups = []
+    for idx in members.values():
+        idx = sorted(idx, key=lambda i: -float(weights[i]))
+        w = weights[idx]
+        total = float(w.sum())
+        mean = (w.unsqueeze(-1) * locs[idx]).sum(0) / total if total > 0 else locs[idx].mean(0)
+        groups.append({"components": idx, "weight": total, "mean": mean})
+    groups.sort(key=lambda g: -g["weight"])
+    return groups
 
 
 class SampleSummaries:

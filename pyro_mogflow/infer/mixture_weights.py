@@ -95,7 +95,8 @@ def balance_weights(
     :param AutoMixtureFlow guide: a set-up guide with ``estimator="stratified"``.
     :param args: the model's arguments.
     :param int num_particles: ``n``, draws per component (the model runs on ``K n`` points).
-    :param int num_iters: fixed-point iterations.
+    :param int num_iters: the most fixed-point iterations (the loop stops once no log-weight
+        moves by more than 1e-7).
     :param str objective: ``"elbo"`` (default) or ``"forward"``.
     :param kwargs: the model's keyword arguments.
     :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
@@ -113,38 +114,65 @@ def balance_weights(
     guide.setup(*args, **kwargs)
     elbo = StratifiedELBO(num_particles=num_particles)
     log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
-    locs, scales = guide.locs.detach(), guide.scales.detach()
+    # The fixed-point loop runs in float64 on the (K n, K) table of component densities, held
+    # in exp space relative to each point's largest entry, so that one iteration is two
+    # matrix-vector products instead of logsumexps over a (K, n, K) tensor.
+    f64 = torch.float64
+    locs, scales = guide.locs.detach().to(f64), guide.scales.detach().to(f64)
     k, n = log_ratio.shape
-    base = elbo.last_sample.base.reshape(k, n, -1)  # (K, n, D)
-    comp = torch.stack([component_log_prob(base[i], locs, scales) for i in range(k)])  # (K,n,K)
-    log_pi = log_pi.detach()
+    base = elbo.last_sample.base.detach().reshape(k * n, -1).to(f64)  # (K n, D)
+    comp = component_log_prob(base, locs, scales)  # (K n, K): log N(b_kt; mu_j, sigma_j)
+    top = comp.max(-1, keepdim=True).values  # (K n, 1)
+    dens = (comp - top).exp()  # (K n, K), each row's largest entry is 1
+    top = top.squeeze(-1)
+    log_pi = log_pi.detach().to(f64)
+
+    def log_q_of(log_pi):  # (K n,): log sum_j pi_j N(b; mu_j, sigma_j)
+        return top + (dens @ log_pi.exp()).log()
+
     # log p(x, z) + log|det| does not depend on the weights:
-    fixed = log_ratio.detach() + torch.logsumexp(log_pi + comp, -1)
+    fixed = log_ratio.detach().to(f64).reshape(-1) + log_q_of(log_pi)
     ok = torch.isfinite(fixed)
     fixed = torch.where(ok, fixed, fixed.new_tensor(-math.inf))
+    ok_k = ok.reshape(k, n)
+    floor = math.log(MIN_WEIGHT)
     for _ in range(num_iters):
-        log_q = torch.logsumexp(log_pi + comp, -1)  # (K, n)
-        log_w = fixed - log_q
+        log_q = log_q_of(log_pi)
+        log_w = fixed - log_q  # (K n,)
         if objective == "elbo":
-            terms = torch.where(ok, log_w, log_w.new_zeros(())).sum(-1) / ok.sum(-1).clamp(min=1)
-            terms = torch.where(ok.any(-1), terms, terms.new_tensor(-math.inf))
-            logits = log_pi.clone()
-            _natural_weight_step(logits, terms, 0.5)
-            log_pi = logits
+            terms = torch.where(ok, log_w, log_w.new_zeros(())).reshape(k, n).sum(-1)
+            terms = terms / ok_k.sum(-1).clamp(min=1)
+            terms = torch.where(ok_k.any(-1), terms, terms.new_tensor(-math.inf))
+            new = log_pi.clone()
+            _natural_weight_step(new, terms, 0.5)
         else:
-            resp = log_pi + comp - log_q.unsqueeze(-1)  # log r_j(z_kt)
-            joint = (log_pi.unsqueeze(-1) + log_w).unsqueeze(-1) + resp  # (K, n, K)
-            new = torch.logsumexp(joint.reshape(-1, k), 0)
-            log_pi = torch.log_softmax(new, -1).clamp(min=math.log(MIN_WEIGHT))
-            log_pi = torch.log_softmax(log_pi, -1)
-    _logits_param(guide).copy_(log_pi.to(guide.logits.dtype))
+            # pi_j <- sum_kt pi_k w_kt r_j(z_kt) / sum(...), r_j = pi_j N_j / q:
+            # log pi_j + log sum_kt exp(log pi_k + log w_kt - log q_kt + top_kt) dens_ktj
+            a = log_pi.repeat_interleave(n) + log_w - log_q + top
+            m = a.max()
+            if not torch.isfinite(m):
+                break
+            new = log_pi + ((a - m).exp() @ dens).log() + m
+            new = torch.log_softmax(new, -1).clamp(min=floor)
+            new = torch.log_softmax(new, -1)
+        done = bool((new - log_pi).abs().max() < 1e-7)
+        log_pi = new
+        if done:
+            break
+    log_pi = log_pi.to(guide.logits.dtype)
+    _logits_param(guide).copy_(log_pi)
     return log_pi.exp()
 
 
-def natural_gradient_stepper(model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow):
+def natural_gradient_stepper(
+    model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow, check=None
+):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
 
-    ``freeze_flow()`` says whether the flow's parameters sit out this step.
+    ``freeze_flow()`` says whether the flow's parameters sit out this step. ``check(loss,
+    named)``, if given, is called after the backward pass and before anything moves, with
+    ``named`` mapping param-store names to the tensors the step would update; raising there
+    leaves every parameter (and the optimiser's state) as it was.
     """
 
     def step(*args, **kwargs) -> float:
@@ -152,8 +180,11 @@ def natural_gradient_stepper(model, guide, optim, elbo: StratifiedELBO, weight_s
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
             terms = log_ratio.mean(-1)
             loss = -(log_pi.exp() * terms).sum()
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        params = set(named.values())
         loss.backward()
+        if check is not None:
+            check(loss.detach(), named)
         if weight_step is not None:
             # Component k's parameters get pi_k times the gradient of its own term L_k: divide
             # it out (the Fisher metric of the mixture scales each component's block by pi_k),

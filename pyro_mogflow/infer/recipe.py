@@ -45,8 +45,31 @@ Usage::
     guide, losses = fit(model, x, y)          # AutoMixtureFlow with every default
     print(guide.components(x, y)["weights"])
 
+The model's data can be passed by position or by keyword, as the model takes it:
+``fit(model, x, y=y)``. Keyword arguments that are not options of :func:`fit` go to the model;
+a model argument whose name clashes with an option of :func:`fit` (``guide``, ``lr``,
+``beta``, ...) goes in ``model_kwargs={...}``.
+
 Any other Pyro guide can be passed as ``guide=``; it is trained with ``Trace_ELBO`` under the
 same tempering (items 3-5 apply to stratified mixtures only).
+
+**Safe steps.** Every step checks the loss and the gradients before the optimiser moves
+anything: a NaN or infinite value stops the fit with a ``RuntimeError`` that names the step,
+:math:`\beta` and the sites or parameters that went non-finite, and the guide keeps the
+parameters it had before that step.
+
+**Stopping and resuming.** ``callback(step, loss, beta)`` is called after every step; when it
+returns ``True`` the fit stops there (without the final :func:`balance_weights`). The result
+carries what a resume needs, so a long fit can be checkpointed and continued on the same
+tempering path::
+
+    result = fit(model, x, num_steps=4000, callback=lambda step, loss, beta: step == 999)
+    # ... save result.guide.state_dict(), come back later ...
+    result = fit(model, x, guide=result.guide, optim=result.optim, num_steps=4000,
+                 start_step=result.next_step)
+
+Steps ``start_step, ..., num_steps - 1`` then run with the schedule of the whole fit; with the
+same ``optim`` object (Adam's moments) and random state this equals the uninterrupted fit.
 
 References:
 
@@ -60,15 +83,22 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import sys
+import warnings
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import numpy as np
 import pyro
-from pyro.infer import SVI, Trace_ELBO
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
+from pyro.infer.util import zero_grads
+from pyro.poutine.util import site_is_subsample
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
@@ -79,16 +109,39 @@ from .tempering import Schedule, TemperedModel, exponential_schedule
 __all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
 
 
-class FitResult(NamedTuple):
+class FitResult(tuple):
     r"""What :func:`fit` returns; unpacks as ``guide, losses = fit(...)``.
 
     :ivar guide: the fitted guide.
-    :ivar numpy.ndarray losses: shape ``(num_steps,)``, the loss of every step: the negative
-        ELBO of the tempered model at that step's :math:`\beta`.
+    :ivar numpy.ndarray losses: the loss of every step this call ran, shape
+        ``(next_step - start_step,)``: the negative ELBO of the tempered model at that step's
+        :math:`\beta`.
+    :ivar optim: the Pyro optimiser used (pass it back with ``optim=`` to resume with the
+        same optimiser state).
+    :ivar int next_step: the first step not yet run (``num_steps`` when the fit completed).
+    :ivar bool stopped: whether ``callback`` stopped the fit before ``num_steps``.
     """
 
-    guide: object
-    losses: np.ndarray
+    def __new__(cls, guide, losses, *, optim=None, next_step: int | None = None, stopped=False):
+        self = super().__new__(cls, (guide, losses))
+        self.optim = optim
+        self.next_step = len(losses) if next_step is None else next_step
+        self.stopped = stopped
+        return self
+
+    @property
+    def guide(self):
+        return self[0]
+
+    @property
+    def losses(self) -> np.ndarray:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(guide={type(self.guide).__name__}, losses=<{len(self.losses)} steps>, "
+            f"next_step={self.next_step}, stopped={self.stopped})"
+        )
 
 
 def default_beta_schedule(
@@ -138,7 +191,10 @@ def fit(
     freeze_flow: bool = True,
     progress: bool = True,
     desc: str = "fit",
+    callback: Callable[[int, float, float], bool | None] | None = None,
+    start_step: int = 0,
     model_kwargs: Mapping | None = None,
+    **model_keywords,
 ) -> FitResult:
     r"""Fit a guide to ``model`` by SVI with the package's mode-discovery defaults.
 
@@ -184,9 +240,23 @@ def fit(
         (default True).
     :param bool progress: show a tqdm progress bar (default True).
     :param str desc: the progress bar's label (default ``"fit"``).
-    :param dict model_kwargs: the model's keyword arguments.
-    :return: a :class:`FitResult` ``(guide, losses)``.
-    :raises RuntimeError: if the loss becomes NaN or infinite (the step is named).
+    :param callback: ``callback(step, loss, beta)``, called after every step (``beta`` is 1.0
+        without tempering); returning ``True`` stops the fit after that step, without the final
+        :func:`balance_weights`. Default ``None``.
+    :param int start_step: the first step to run (default 0): resume a stopped fit with
+        ``start_step=result.next_step`` and ``optim=result.optim`` (see the module docstring);
+        the tempering schedule is that of the whole ``num_steps``.
+    :param dict model_kwargs: the model's keyword arguments whose names clash with an option of
+        :func:`fit`; any other model keyword can be passed directly, ``fit(model, x, y=y)``.
+    :param model_keywords: the model's keyword arguments (forwarded to every model and guide
+        call); a name the model does not take is refused before any work.
+    :return: a :class:`FitResult` ``(guide, losses)``, with ``optim``, ``next_step`` and
+        ``stopped`` for resuming.
+    :raises RuntimeError: if the loss or a gradient becomes NaN or infinite; the step, beta and
+        the non-finite sites or parameters are named, and the step is not applied (the guide
+        keeps its parameters from before it).
+    :raises ValueError: if a ``beta`` schedule returns a value outside ``(0, 1]`` (the step
+        is named), before any work.
     """
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
@@ -207,17 +277,26 @@ def fit(
     balance_particles = check_int("balance_particles", balance_particles, 1)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-    if model_kwargs is None:
-        model_kwargs = {}
-    if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
-    kwargs = dict(model_kwargs)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be None or callable (step, loss, beta) -> bool, got "
+            f"{type(callback).__name__}"
+        )
+    start_step = check_int("start_step", start_step, 0)
+    if start_step >= num_steps:
+        raise ValueError(
+            f"start_step must be < num_steps={num_steps} (the steps left to run are "
+            f"start_step, ..., num_steps - 1), got {start_step}"
+        )
+    kwargs = _model_kwargs(model, model_kwargs, model_keywords)
     if beta == "auto":
         schedule = default_beta_schedule(num_steps, beta_start, beta_fraction)
     elif beta is None or callable(beta):
         schedule = beta
     else:
         schedule = _check_unit("beta", beta)
+    if callable(schedule):
+        _check_schedule(schedule, start_step, num_steps)
     if optim is not None and not isinstance(optim, pyro.optim.PyroOptim):
         raise TypeError(
             f"optim must be a Pyro optimizer (pyro.optim.*), got {type(optim).__name__}"
@@ -230,6 +309,8 @@ def fit(
     target = (
         model if schedule is None else TemperedModel(model, schedule, observed_only=observed_only)
     )
+    if isinstance(target, TemperedModel):
+        target.step = start_step
     # A global stratified mixture gets the natural-gradient weight steps; any other guide that
     # samples a stratified mixture flow (e.g. an AmortizedMixtureFlow site) gets StratifiedELBO.
     global_mixture = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
@@ -237,13 +318,18 @@ def fit(
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
     if optim is None:
         optim = pyro.optim.Adam(_learning_rates(guide, lr, flow_lr))
+    # Gradients left on the parameters by an interrupted step (Ctrl-C between backward and the
+    # optimiser) would otherwise be added into this fit's first step.
+    _clear_grads(guide)
     if global_mixture:
         elbo = StratifiedELBO(num_particles=num_particles)
 
         def freeze():
             return freeze_flow and isinstance(target, TemperedModel) and target.beta < 1
 
-        step_fn = natural_gradient_stepper(target, guide, optim, elbo, weight_step, freeze)
+        step_fn = natural_gradient_stepper(
+            target, guide, optim, elbo, weight_step, freeze, check=_check_step
+        )
     else:
         # Only a guide of one's own (or a list of guides) can hold a stratified mixture-flow
         # site; Pyro's other autoguides are not probed (the probe is one more guide run).
@@ -252,42 +338,201 @@ def fit(
             loss = StratifiedELBO(num_particles=num_particles)
         else:
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
-        svi = SVI(target, guide, optim, loss)
 
         def step_fn(*args, **kwargs):
-            return svi.step(*args, **kwargs)
+            with poutine.trace(param_only=True) as capture:
+                value = loss.loss_and_grads(target, guide, *args, **kwargs)
+            named = {
+                name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
+            }
+            _check_step(value, named)
+            params = set(named.values())
+            optim(params)
+            zero_grads(params)
+            return value
 
-    losses = np.zeros(num_steps)
-    betas = np.ones(num_steps)
+    losses = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, file=sys.stderr, mininterval=0.5)
-    for step in bar:
-        if isinstance(target, TemperedModel):
-            betas[step] = target.beta
-        value = float(step_fn(*args, **kwargs))
-        if not math.isfinite(value):
-            bar.close()
-            raise RuntimeError(
-                f"fit: the loss became {value} at step {step} (beta {betas[step]:.3g}); lower "
-                "lr or check the model"
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    stopped = False
+    step = start_step
+    try:
+        for step in range(start_step, num_steps):
+            beta_now = target.beta if isinstance(target, TemperedModel) else 1.0
+            try:
+                value = float(step_fn(*args, **kwargs))
+            except _NonFiniteStep as e:
+                where = e.where
+                if e.what == "loss":
+                    sites = _nonfinite_sites(target, guide, args, kwargs)
+                    where = "; ".join(part for part in (sites, where) if part)
+                hint = _pathwise_hint(guide)
+                raise RuntimeError(
+                    f"fit: the {e.what} became {e.value} at step {step} (beta {beta_now:.3g}); "
+                    "the step was not applied, so the guide keeps its parameters from before "
+                    f"it. Non-finite: {where or 'no single site or parameter identified'}. "
+                    f"Lower lr or check the model{hint}"
+                ) from None
+            losses.append(value)
+            if isinstance(target, TemperedModel):
+                target.advance()
+            bar.update()
+            if step % 50 == 0 or step == num_steps - 1:
+                bar.set_postfix(loss=f"{value:.3g}", beta=f"{beta_now:.3g}", refresh=False)
+            if callback is not None and callback(step, value, beta_now) is True:
+                stopped = step < num_steps - 1
+                break
+        next_step = step + 1
+        if global_mixture and balance is not None and not stopped:
+            bar.set_description(f"{desc} (balancing weights)")
+            bar.refresh()
+            balance_weights(
+                model,
+                guide,
+                *args,
+                num_particles=balance_particles,
+                objective=balance,
+                **kwargs,
             )
-        losses[step] = value
-        if isinstance(target, TemperedModel):
-            target.advance()
-        if step % 50 == 0 or step == num_steps - 1:
-            bar.set_postfix(loss=f"{value:.3g}", beta=f"{betas[step]:.3g}", refresh=False)
-    bar.close()
-    if global_mixture and balance is not None:
-        balance_weights(
-            model,
-            guide,
-            *args,
-            num_particles=balance_particles,
-            objective=balance,
-            **kwargs,
-        )
-    return FitResult(guide, losses)
+    finally:
+        bar.close()
+        _clear_grads(guide)
+    return FitResult(
+        guide, np.asarray(losses, dtype=float), optim=optim, next_step=next_step, stopped=stopped
+    )
+
+
+class _NonFiniteStep(Exception):
+    """A step's loss or gradients are not finite; raised before the optimiser moves anything."""
+
+    def __init__(self, what: str, value, where: str = ""):
+        super().__init__(what)
+        self.what, self.value, self.where = what, value, where
+
+
+def _check_step(loss, named: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`_NonFiniteStep` if ``loss``, a parameter or a gradient is not finite.
+
+    ``named``: param-store name -> the leaf tensor the optimiser would update. On failure the
+    gradients are zeroed, so nothing of the step remains.
+    """
+    value = float(loss)
+    bad_params = [n for n, p in named.items() if not bool(torch.isfinite(p).all())]
+    bad_grads = [
+        n for n, p in named.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    ]
+    if math.isfinite(value) and not bad_params and not bad_grads:
+        return
+    zero_grads(set(named.values()))
+    where = []
+    if bad_params:
+        where.append(f"guide parameter(s) {bad_params} (already non-finite before this step)")
+    if bad_grads:
+        where.append(f"the gradient of parameter(s) {bad_grads}")
+    if not math.isfinite(value):
+        raise _NonFiniteStep("loss", value, "; ".join(where))
+    raise _NonFiniteStep("gradient", "non-finite", "; ".join(where))
+
+
+def _nonfinite_sites(model, guide, args, kwargs) -> str:
+    """Best effort: the sites whose log-density is not finite on one fresh draw of the guide."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+            bad = []
+            for who, trace in (("model", model_trace), ("guide", guide_trace)):
+                for name, site in trace.nodes.items():
+                    if site["type"] != "sample" or site_is_subsample(site):
+                        continue
+                    if not bool(torch.isfinite(site["value"]).all()):
+                        bad.append(f"{who} site {name!r} (its value)")
+                        continue
+                    term = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                    term = scale_and_mask(term, site["scale"], site["mask"])
+                    if not bool(torch.isfinite(torch.as_tensor(term)).all()):
+                        bad.append(f"{who} site {name!r} (its log-density)")
+            return ", ".join(bad)
+    except Exception:  # the diagnosis must never hide the error it explains
+        return ""
+
+
+def _pathwise_hint(guide) -> str:
+    if not isinstance(guide, AutoMixtureFlow) or guide.estimator != "pathwise":
+        return ""
+    dtype = guide.locs.dtype
+    if dtype != torch.float32:
+        return ""
+    d = guide.locs.shape[-1]
+    return (
+        f". The guide uses estimator='pathwise' (Pyro's MixtureOfDiagNormals) in float32 at "
+        f"D={d}: its gradients overflow in float32 from D of about 20-60; use "
+        "estimator='stratified' (the default) or float64"
+    )
+
+
+def _clear_grads(guide) -> None:
+    """Drop the gradients of the guide's parameters (a module's and the param store's)."""
+    params = list(guide.parameters()) if isinstance(guide, torch.nn.Module) else []
+    params += [p for _, p in pyro.get_param_store().named_parameters()]
+    for p in params:
+        p.grad = None
+
+
+def _check_schedule(schedule: Callable, start: int, stop: int) -> None:
+    """Every beta the fit will use, checked before any work: finite, in (0, 1]."""
+    for step in range(start, stop):
+        value = schedule(step)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"the beta schedule returned {value!r} at step {step}; need a real number in (0, 1]"
+            )
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(
+                f"the beta schedule returned {value!r} at step {step}; fit needs a finite beta "
+                "in (0, 1] (beta tempers the likelihood from near 0 up to 1, the posterior)"
+            )
+
+
+def _model_kwargs(model, model_kwargs, model_keywords: dict) -> dict:
+    """The model's keyword arguments: ``model_kwargs`` and the keywords fit does not know."""
+    if model_kwargs is None:
+        model_kwargs = {}
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+    both = sorted(set(model_kwargs) & set(model_keywords))
+    if both:
+        raise TypeError(f"model keyword(s) {both} given both directly and in model_kwargs")
+    if model_keywords:
+        try:
+            signature = inspect.signature(model)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None:
+            params = signature.parameters.values()
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                takes = {
+                    p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                }
+                unknown = sorted(set(model_keywords) - takes)
+                if unknown:
+                    name = getattr(model, "__name__", type(model).__name__)
+                    raise TypeError(
+                        f"fit() got unexpected keyword argument(s) {unknown}: neither an option "
+                        f"of fit nor an argument of the model {name}{signature}"
+                    )
+    return {**model_kwargs, **model_keywords}
 
 
 def _learning_rates(guide, lr: float, flow_lr: float) -> Callable[[str], dict]:

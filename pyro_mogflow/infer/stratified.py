@@ -59,6 +59,17 @@ class _Terms(NamedTuple):
     sample: StratifiedSample
 
 
+_VECTORIZE_ADVICE = (
+    "StratifiedELBO evaluates every draw in one run of the model: each latent arrives with a "
+    "particle dimension of size K*n at dim {dim} (a vector w of shape (D,) arrives as "
+    "(K*n, 1, D) in a model with one plate), and the model must broadcast over it. Code such as "
+    "`X @ w` or `w.reshape(-1)` does not: write it with broadcasting, e.g. `(X * w).sum(-1)` "
+    "(or `w @ X.T`, checking where the result's dimensions land), and index with `...` "
+    "(`w[..., 0]`, not `w[0]`). Or train with Trace_ELBO and a sampling estimator "
+    "(AutoMixtureFlow(model, estimator='implicit')), which runs the model one draw at a time."
+)
+
+
 class StratifiedELBO(ELBO):
     r"""The ELBO of a mixture-flow guide with the sum over components exact.
 
@@ -266,7 +277,11 @@ class StratifiedELBO(ELBO):
                 acc.add_trace(model_trace, 1.0)
             except (RuntimeError, ValueError, IndexError) as error:
                 if local or not self._model_runs_draw_by_draw(model, guide_trace, args, kwargs):
-                    raise
+                    raise type(error)(
+                        f"running the model on {k * n} particles at once (a pyro.plate of size "
+                        f"K*n = {k}*{n} at dim {-nesting}) failed: {error}\n"
+                        f"{_VECTORIZE_ADVICE.format(dim=-nesting)}"
+                    ) from error
                 self._draw_by_draw.add(key)
                 warnings.warn(
                     "StratifiedELBO: the model does not vectorize over the particle plate (it "
@@ -437,7 +452,10 @@ class _Accumulator:
             if lp.dim() > nesting:
                 raise ValueError(
                     f"site {site_name!r} has log_prob shape {tuple(lp.shape)}, with dimensions "
-                    f"left of the particle plate at dim {-nesting}. Declare every batch "
+                    f"left of the particle plate at dim {-nesting}. If the model's plates are "
+                    "all declared, the model does not vectorize over particles: a latent drawn "
+                    "under the particle plate moved its particle dimension elsewhere.\n"
+                    f"{_VECTORIZE_ADVICE.format(dim=-nesting)}\nOtherwise declare every batch "
                     "dimension of the model with pyro.plate (or move it into the event with "
                     ".to_event()), or raise max_plate_nesting."
                 )

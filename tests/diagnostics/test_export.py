@@ -526,3 +526,44 @@ def test_device_follows_the_model(guide_name, device):
         expected = float(trace.log_prob_sum())
         assert idata.sample_stats["lp"].values[0, s] == pytest.approx(expected, rel=1e-5)
     assert vi_loo(idata, pointwise=False)["n_data_points"] == 10
+
+
+# ------------------------------------------------------------- guides without a density
+@pytest.mark.parametrize("guide_class", ["AutoDelta", "AutoLaplaceApproximation"])
+def test_guide_without_a_density_is_refused(guide_class):
+    from pyro.infer import autoguide
+
+    from pyro_mogflow import vi_diagnostics
+
+    y = _data()
+    pyro.clear_param_store()
+    guide = getattr(autoguide, guide_class)(rich_model)
+    guide(y)
+    for run in (
+        lambda: to_inference_data(guide, rich_model, model_args=(y,), num_samples=20, seed=0),
+        lambda: vi_diagnostics(guide, rich_model, model_args=(y,), num_samples=20, seed=0),
+    ):
+        with pytest.raises(ValueError, match="has no density.*point mass"):
+            run()
+
+
+def test_laplace_approximation_of_a_map_guide_has_a_density():
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
+    y = _data()
+    pyro.clear_param_store()
+    guide = AutoLaplaceApproximation(rich_model)
+    guide(y)
+    laplace = guide.laplace_approximation(y)
+    idata = to_inference_data(laplace, rich_model, model_args=(y,), num_samples=20, seed=0)
+    assert np.all(idata.sample_stats["lp_approx"].values != 0)
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**40, -1])
+def test_seed_outside_numpy_range_is_refused_up_front(seed):
+    y = _data()
+    pyro.clear_param_store()
+    guide = AutoNormal(rich_model)
+    guide(y)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        to_inference_data(guide, rich_model, model_args=(y,), num_samples=5, seed=seed)

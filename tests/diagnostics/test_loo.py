@@ -88,3 +88,35 @@ def test_vi_loo_needs_a_choice_among_several_observed_sites():
         vi_loo(idata)
     with pytest.warns(UserWarning, match="Pareto k-hat"):  # an unfitted guide
         assert vi_loo(idata, var_name="y2")["n_data_points"] == 10
+
+
+def _masked_model(y, mask):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 5.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+
+def _poutine_masked_model(y, mask):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 5.0))
+    with pyro.plate("data", y.shape[0]), pyro.poutine.mask(mask=mask):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+@pytest.mark.filterwarnings("ignore:Pareto k-hat above")  # an untrained guide: k-hat is high
+@pytest.mark.parametrize("model", [_masked_model, _poutine_masked_model])
+def test_vi_loo_does_not_count_masked_observations(model):
+    g = torch.Generator().manual_seed(2)
+    y = 1.0 + torch.randn(30, generator=g, dtype=torch.float64)
+    mask = torch.arange(30) % 3 != 0  # 10 masked, 20 observed
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide(y, mask)
+    idata = to_inference_data(guide, model, model_args=(y, mask), num_samples=500, seed=0)
+    var_name = "y_observed" if model is _masked_model else "y"
+    loo = vi_loo(idata, var_name=var_name)
+    assert loo["n_data_points"] == 20 and loo["n_masked"] == 10
+    assert np.isnan(loo["loo_i"].values[~mask.numpy()]).all()
+    assert np.isfinite(loo["loo_i"].values[mask.numpy()]).all()
+    assert loo["elpd_loo"] == pytest.approx(
+        float(np.sum(loo["loo_i"].values[mask.numpy()])), rel=1e-12
+    )

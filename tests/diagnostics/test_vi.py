@@ -316,3 +316,34 @@ def test_non_finite_log_weights_raise():
     idata.sample_stats["log_weight"].values[0, 3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         vi_diagnostics(idata)
+
+
+def test_printed_component_masses_are_grouped_by_mode_and_wrapped():
+    # 128 components: 60 near-copies on each bump, 8 stragglers far out with tiny weight
+    pyro.set_rng_seed(0)
+    k = 128
+    guide = AutoMixtureFlow(two_bumps, num_components=k, estimator="pathwise", flow=None)
+    guide()
+    g = torch.Generator().manual_seed(0)
+    locs = torch.cat(
+        [
+            -3.0 + 0.05 * torch.randn(60, 1, generator=g),
+            3.0 + 0.05 * torch.randn(60, 1, generator=g),
+            torch.linspace(-30.0, 30.0, 8).unsqueeze(-1),
+        ]
+    )
+    logits = torch.cat([torch.zeros(120), torch.full((8,), -12.0)])
+    _set_param(guide, "locs", locs)
+    _set_param(guide, "scales", torch.full((k, 1), 0.5))
+    _set_param(guide, "logits", logits)
+    result = vi_diagnostics(
+        to_inference_data(guide, two_bumps, num_samples=4000, seed=0), warn=False
+    )
+    text = str(result)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert len(text.splitlines()) < 30
+    assert "on 2 mode(s)" in text
+    groups = [gr for gr in result.component_groups[0] if gr["mass_psis"] > 0.05]
+    assert len(groups) == 2
+    assert sorted(len(gr["components"]) for gr in groups) == [60, 60]
+    assert sorted(gr["mass_psis"] for gr in groups) == pytest.approx([0.3, 0.7], abs=0.05)

@@ -201,3 +201,52 @@ def test_temperature_that_does_not_broadcast_raises():
     logits, locs, scales = _params((2,))
     with pytest.raises(ValueError, match="temperature"):
         RelaxedMixtureOfDiagNormals(logits, locs, scales, torch.ones(5, dtype=logits.dtype))
+
+
+@pytest.mark.parametrize("temperature", [math.inf, -math.inf, math.nan, 0.0])
+def test_non_finite_or_non_positive_temperature_is_refused(temperature):
+    logits, locs, scales = torch.zeros(2), torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        RelaxedMixtureOfDiagNormals(logits, locs, scales, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        RelaxedMixtureOfDiagNormals(
+            logits, locs, scales, temperature=torch.tensor([1.0, temperature])[1]
+        )
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, math.nan])
+def test_mixture_log_prob_refuses_non_positive_scales(scale):
+    logits, locs = torch.zeros(2), torch.zeros(2, 3)
+    scales = torch.ones(2, 3)
+    scales[1, 2] = scale
+    with pytest.raises(ValueError, match="scales must be positive"):
+        mixture_log_prob(torch.zeros(5, 3), logits, locs, scales)
+
+
+def test_mixture_log_prob_is_not_checked_inside_a_trace():
+    logits, locs, scales = torch.zeros(2), torch.zeros(2, 3), torch.ones(2, 3)
+    traced = torch.jit.trace(
+        lambda z, s: mixture_log_prob(z, logits, locs, s), (torch.zeros(5, 3), scales)
+    )
+    assert torch.allclose(
+        traced(torch.ones(5, 3), scales), mixture_log_prob(torch.ones(5, 3), logits, locs, scales)
+    )
+
+
+@pytest.mark.parametrize("num_nested", [4, np.int64(4), np.int32(4)])
+def test_num_nested_takes_numpy_integers_like_every_other_count(num_nested):
+    d = RelaxedMixtureOfDiagNormals(
+        torch.zeros(2), torch.zeros(2, 3), torch.ones(2, 3), density="nested", num_nested=num_nested
+    )
+    assert d.num_nested == 4 and type(d.num_nested) is int
+
+
+@pytest.mark.parametrize(
+    "num_nested, error",
+    [(True, TypeError), (np.bool_(True), TypeError), (0, ValueError), (2.0, TypeError)],
+)
+def test_num_nested_refuses_bools_and_non_integers(num_nested, error):
+    with pytest.raises(error, match="num_nested must be an int"):
+        RelaxedMixtureOfDiagNormals(
+            torch.zeros(2), torch.zeros(2, 3), torch.ones(2, 3), num_nested=num_nested
+        )

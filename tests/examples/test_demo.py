@@ -223,3 +223,81 @@ def test_format_table_has_a_row_per_guide_and_the_exact_row():
     row = table[3].split()
     assert row[:4] == ["SomeGuide", "0.250", "0.700", "2/2"]
     assert f"{target.log_z + 35.5:.3f}" in row
+
+
+# ------------------------------------------------------------- output folder, seeds, Ctrl-C
+def _file_in(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_out_that_cannot_be_written_is_refused_before_any_work(where, tmp_path, monkeypatch):
+    if where == "under_a_file":
+        out = _file_in(tmp_path) / "sub" / "dir"
+        match = "is a file"
+    else:
+        out = tmp_path / "ro" / "dir"
+
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(Path, "write_bytes", refuse)
+        match = "Permission denied"
+    fitted = []
+    monkeypatch.setattr(demo, "fit_guide", lambda *a, **k: fitted.append(1))
+    with pytest.raises(ValueError, match=match):
+        demo.run_demo(steps=5, out=out, progress=False)
+    assert not fitted
+    assert not (tmp_path / "ro").exists()  # the check leaves no folder behind
+
+
+def test_cli_out_under_a_file_is_a_usage_error(tmp_path, capsys):
+    err = _usage_error(["demo", "--out", str(_file_in(tmp_path) / "x")], capsys)
+    assert "argument --out" in err and "is a file" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_cli_out_in_proc_is_a_usage_error(capsys):
+    err = _usage_error(["demo", "--out", "/proc/mogflow-x"], capsys)
+    assert "argument --out" in err
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**32 - 1, 2**40])
+def test_seed_beyond_numpy_range_is_refused_up_front(seed, tmp_path, capsys):
+    err = _usage_error(["demo", "--seed", str(seed), "--out", str(tmp_path)], capsys)
+    assert "argument --seed" in err and "4294967294" in err
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        demo.run_demo(seed=seed, out=tmp_path, progress=False)
+
+
+def test_ctrl_c_keeps_the_finished_guides_and_prints_one_line(tmp_path, monkeypatch, capsys):
+    real_fit = demo.fit_guide
+
+    def fit_then_interrupt(target, guide, steps, **kwargs):
+        if isinstance(guide, demo.AutoMixtureFlow):
+            raise KeyboardInterrupt
+        return real_fit(target, guide, 5, **kwargs)
+
+    monkeypatch.setattr(demo, "fit_guide", fit_then_interrupt)
+    assert main(["demo", "--steps", "5", "--out", str(tmp_path), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "AutoNormal" in err
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["interrupted"] is True
+    assert list(summary["guides"]) == ["AutoNormal"]
+    assert summary["not_fitted"] == ["AutoMixtureFlow"]
+    assert (tmp_path / "posteriors.png").exists()
+
+
+def test_ctrl_c_before_any_guide_is_fitted_saves_nothing(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "fit_guide", interrupt)
+    assert main(["demo", "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nothing saved" in err
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -153,3 +153,44 @@ def test_stacked_permutations_compose_to_the_identity():
     assert torch.equal(index, torch.arange(5))
     only_perms = T.ComposeTransform(perms)
     assert torch.equal(only_perms(x), x)
+
+
+@pytest.mark.parametrize("num_flows, error", [(0, ValueError), (-1, ValueError), (1.0, TypeError)])
+def test_num_flows_below_one_is_refused(num_flows, error):
+    with pytest.raises(error, match="num_flows"):
+        build_flow("affine_autoregressive", 3, num_flows=num_flows)
+
+
+def test_conditional_num_flows_below_one_is_refused():
+    from pyro_mogflow.flows import build_conditional_flow
+
+    with pytest.raises(ValueError, match="num_flows"):
+        build_conditional_flow("affine_autoregressive", 3, 4, num_flows=0)
+
+
+def test_register_flow_refuses_to_replace_a_built_in_unless_asked():
+    original = FLOWS["householder"]
+    with pytest.raises(ValueError, match="'householder' is a built-in flow.*override=True"):
+        register_flow("householder", original.builder, invertible=True)
+    assert FLOWS["householder"] is original
+    try:
+        register_flow("householder", original.builder, invertible=True, min_dim=2, override=True)
+        assert FLOWS["householder"] is not original
+    finally:
+        FLOWS["householder"] = original
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"invertible": "yes"}, TypeError, "invertible must be a bool"),
+        ({"invertible": True, "min_dim": 0}, ValueError, "min_dim must be an int >= 1"),
+        ({"invertible": True, "min_dim": 1.5}, TypeError, "min_dim must be an int"),
+        ({"invertible": True, "description": 3}, TypeError, "description must be a str"),
+        ({"invertible": True, "override": 1}, TypeError, "override must be a bool"),
+    ],
+)
+def test_register_flow_validates_its_metadata(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        register_flow("test_bad_metadata", lambda d, h, **kw: None, **kwargs)
+    assert "test_bad_metadata" not in FLOWS

@@ -521,6 +521,8 @@ def test_bad_arguments(kwargs, error, match):
         (torch.zeros(2, 4, dtype=torch.float64), ValueError, r"context_dim=3\), got \(2, 4\)"),
         (torch.zeros(2, 3, dtype=torch.float32), TypeError, "x has dtype torch.float32"),
         (torch.full((2, 3), math.nan, dtype=torch.float64), ValueError, "x must be finite"),
+        (torch.zeros(0, 3, dtype=torch.float64), ValueError, r"empty batch \(shape \(0, 3\)\)"),
+        (torch.zeros(2, 0, 3, dtype=torch.float64), ValueError, "empty batch.*drop_last"),
     ],
 )
 def test_bad_context(x, error, match):

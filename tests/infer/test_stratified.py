@@ -490,3 +490,47 @@ def test_a_model_that_does_not_vectorize_is_evaluated_draw_by_draw(importance_we
         assert len(vectorize) == (1 if model is _matmul_model else 0)
     assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-6)
     assert losses[1].requires_grad
+
+
+# ------------------------------------------------------- models that do not vectorize
+def _unsqueezed_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.sample("v", dist.Normal(w.unsqueeze(0), 1.0).to_event(1), obs=torch.zeros(3))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X * w).sum(-1), 0.1), obs=y)
+
+
+@pytest.mark.parametrize("model", [_matmul_model, _unsqueezed_model])
+def test_a_model_that_does_not_vectorize_over_particles_is_told_so(model):
+    """fit() runs such a model (draw by draw) and says once how to vectorize it."""
+    from pyro_mogflow import fit
+
+    X = torch.randn(20, 3)
+    y = X @ torch.tensor([1.0, -1.0, 0.5])
+    pyro.clear_param_store()
+    guide = AutoMixtureFlow(model, num_components=2)
+    with pytest.warns(UserWarning, match=r"(?s)does not vectorize.*\(X \* w\).sum\(-1\)"):
+        _, losses = fit(model, X, y, guide=guide, num_steps=2, progress=False)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_a_local_site_whose_model_does_not_vectorize_gets_the_advice():
+    """Draw-by-draw evaluation serves global latents; a local (amortized) site needs a model
+    that broadcasts, and the error says how to write one."""
+    from pyro_mogflow import AmortizedMixtureFlow
+
+    x = torch.randn(5, 2)
+    encoder = AmortizedMixtureFlow(2, 2, num_components=2, flow=None, estimator="stratified")
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z.reshape(len(x), 2), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", encoder(x))
+
+    with pytest.raises(RuntimeError, match=r"(?s)particles at once.*\(X \* w\).sum\(-1\)"):
+        StratifiedELBO().loss(model, guide, x)
