@@ -13,7 +13,6 @@ r"""The mixture flow: a normalizing flow on a mixture of diagonal Gaussians, as 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -148,16 +147,14 @@ class MixtureFlow(TorchDistribution):
         return u
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Reparameterized draw, shape ``(*sample_shape, *batch_shape, D)``."""
-        if self.estimator == "stratified" and torch.is_grad_enabled():
-            warnings.warn(
-                "a mixture flow with estimator='stratified' is sampled with gradients outside "
-                "StratifiedELBO, so it draws the exact mixture with implicit reparameterization "
-                "(unbiased, not stratified). Train with pyro_mogflow.StratifiedELBO, or use "
-                "estimator='implicit'.",
-                UserWarning,
-                stacklevel=2,
-            )
+        """Reparameterized draw, shape ``(*sample_shape, *batch_shape, D)``.
+
+        With ``estimator="stratified"`` this is the draw any Pyro ELBO other than
+        :class:`~pyro_mogflow.StratifiedELBO` makes (``Trace_ELBO``, ``JitTrace_ELBO``,
+        ``Predictive``...): the exact mixture, sampled with implicit reparameterization
+        gradients, exactly as ``estimator="implicit"`` (unbiased; one component per draw rather
+        than every component). It is a supported path and does not warn.
+        """
         return self._forward(self.base_dist.rsample(sample_shape))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:

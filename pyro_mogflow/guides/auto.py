@@ -47,10 +47,12 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     weight gradient is). The guide's posterior is a
     :class:`~pyro_mogflow.distributions.MixtureFlow`.
 
-    ``relaxed-nested`` is the design note's method as written; ``stratified`` is meant for
-    :class:`~pyro_mogflow.StratifiedELBO` (under any other ELBO it samples the exact mixture as
-    ``implicit`` does, unbiased but not stratified, and warns once); every other estimator works
-    with any Pyro ELBO.
+    ``relaxed-nested`` is the design note's method as written. ``stratified`` takes the exact
+    expectation over components under :class:`~pyro_mogflow.StratifiedELBO`; under any other
+    ELBO (``Trace_ELBO``, the jit ELBOs, ``Predictive``) it samples the exact mixture with
+    implicit reparameterization gradients, as ``implicit`` does (unbiased, not stratified), so
+    ``SVI(model, AutoMixtureFlow(model), optim, Trace_ELBO())`` works as with any Pyro guide,
+    without a warning. Every estimator but ``pathwise`` can be traced by ``JitTrace_ELBO``.
 
     Usage (:func:`pyro_mogflow.fit` adds the tempering and weight updates that find modes)::
 
@@ -80,7 +82,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     :param str estimator: one of :data:`ESTIMATORS` (default ``"stratified"``: the exact
         expectation over components, trained with :class:`~pyro_mogflow.StratifiedELBO`, e.g. by
         :func:`pyro_mogflow.fit`; under another ELBO it samples the exact mixture like
-        ``"implicit"`` and warns. The relaxed estimators' objectives are unbounded, see README).
+        ``"implicit"``. The relaxed estimators' objectives are unbounded, see README).
     :param temperature: Gumbel-softmax temperature for the relaxed estimators: a positive float
         or a callable ``step -> float``, where ``step`` is :attr:`step`, the number of guide
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
