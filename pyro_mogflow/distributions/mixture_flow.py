@@ -21,8 +21,9 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from .density import mixture_log_prob
+from .density import mixture_log_prob, mixture_moments
 from .estimators import check_estimator, mixture_base
+from .mixture import mixture_marginal_quantiles
 
 __all__ = ["MixtureFlow", "StratifiedSample"]
 
@@ -116,6 +117,45 @@ class MixtureFlow(TorchDistribution):
     def mixture_weights(self) -> torch.Tensor:
         r""":math:`\pi = \operatorname{softmax}(\text{logits})`, shape ``(*batch, K)``."""
         return torch.softmax(self.logits, dim=-1)
+
+    def _require_bare(self, what: str) -> None:
+        if self.transforms:
+            raise NotImplementedError(
+                f"the {what} of a mixture flow with transforms has no closed form; estimate it "
+                "from samples (e.g. AutoMixtureFlow.quantiles, which samples in that case)"
+            )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Exact mean, shape ``(*batch, D)``, for the bare mixture (no transforms).
+
+        :raises NotImplementedError: if there are transforms.
+        """
+        self._require_bare("mean")
+        return mixture_moments(self.logits, self.locs, self.scales)[0].expand(
+            self.batch_shape + self.event_shape
+        )
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Exact per-coordinate variance, shape ``(*batch, D)``, for the bare mixture.
+
+        :raises NotImplementedError: if there are transforms.
+        """
+        self._require_bare("variance")
+        return mixture_moments(self.logits, self.locs, self.scales)[1].expand(
+            self.batch_shape + self.event_shape
+        )
+
+    def marginal_quantiles(self, levels) -> torch.Tensor:
+        """Exact quantiles of every coordinate's marginal, shape ``(L, *batch, D)``, for the
+        bare mixture (see :func:`~pyro_mogflow.distributions.mixture.mixture_marginal_quantiles`).
+
+        :param levels: ``L`` levels in ``[0, 1]``.
+        :raises NotImplementedError: if there are transforms (a flow mixes the coordinates).
+        """
+        self._require_bare("marginal quantiles")
+        return mixture_marginal_quantiles(levels, self.logits, self.locs, self.scales)
 
     def expand(self, batch_shape, _instance=None) -> MixtureFlow:
         new = self._get_checked_instance(MixtureFlow, _instance)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
-from torch.distributions import Transform
+from torch.distributions import Transform, biject_to
+from torch.distributions.transforms import IndependentTransform
 
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
 from ..distributions.estimators import ESTIMATORS, Temperature
 from ..flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
-from .initialization import check_init_spread, prior_locs, spread_locs
+from .initialization import (
+    DEFAULT_INIT_SCALE,
+    check_init_spread,
+    init_to_median_or_zero,
+    kernel_scales,
+    prior_locs,
+    resolve_init_spread,
+    spread_locs,
+)
 from .naming import UniqueName
 from .state import EstimatorState
 from .summaries import SampleSummaries
@@ -87,16 +95,29 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         or a callable ``step -> float``, where ``step`` is :attr:`step`, the number of guide
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
     :param int num_nested: inner draws of the nested density for ``"relaxed-nested"``.
-    :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide.
-    :param float init_scale: initial standard deviation of every component (default 0.1).
-    :param init_spread: ``"prior"``: the component means start at ``K`` independent draws of
-        the model's prior (ancestral draws of every latent site, mapped to the unconstrained
-        space), so the components start spread over where the posterior can live; a site whose
-        distribution cannot be sampled (e.g. ``ImproperUniform``) is offset from the initial
-        location by standard normal noise instead, with a warning naming it. A float: the
-        component means start at the initial location plus ``init_spread`` times independent
-        standard normal offsets, so they never coincide. Default ``"prior"``; with ``K = 1``
-        the single mean is the initial location.
+    :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide
+        (default ``None``: ``init_to_median``, and for a site whose prior cannot be sampled,
+        e.g. ``ImproperUniform``, the point that is zero in the unconstrained space).
+    :param float init_scale: initial standard deviation of every component, in the
+        unconstrained space (default ``None``: a kernel bandwidth of the prior draws when the
+        components start at prior draws, else 0.1).
+    :param init_spread: where the component means start. ``"prior"``: at ``K`` independent
+        draws of the model's prior (ancestral draws of every latent site, mapped to the
+        unconstrained space), so the components start spread over where the posterior can
+        live, with scale ``init_scale`` or, by default, the Silverman kernel bandwidth of the
+        draws (so the initial mixture is a smooth estimate of the prior, not ``K`` spikes); a
+        site whose distribution cannot be sampled (e.g. ``ImproperUniform``) is offset from the
+        initial location by standard normal noise instead, with a warning naming it. A float
+        ``s``: at the initial location plus ``s`` times standard normal offsets in antithetic
+        pairs :math:`\pm\epsilon`, so they never coincide and the mixture starts symmetric
+        about the initial location (its mean and median are exactly there). ``"auto"``
+        (default): ``"prior"`` when neither ``init_loc_fn`` nor ``init_scale`` is given (the
+        mode-finding start :func:`~pyro_mogflow.fit` relies on), otherwise the float
+        ``init_scale`` (0.1 if only ``init_loc_fn`` is given), so a guide given an initial
+        location or scale starts there, as every Pyro autoguide does: components within about
+        ``init_scale`` of the ``init_loc_fn`` location, each of scale ``init_scale``. Pass
+        ``init_spread="prior"`` explicitly to combine a custom scale with the prior spread.
+        With ``K = 1`` the single mean is the initial location.
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
     :param str name: prefix of the guide's names in Pyro's param store. By default the first
         free name among ``AutoMixtureFlow``, ``AutoMixtureFlow_1``, ... is taken when the guide
@@ -140,9 +161,9 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         estimator: str = "stratified",
         temperature: Temperature = 0.5,
         num_nested: int = 32,
-        init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
-        init_spread: float | str = "prior",
+        init_loc_fn: Callable | None = None,
+        init_scale: float | None = None,
+        init_spread: float | str = "auto",
         num_quantile_samples: int = 4096,
         name: str | None = None,
         create_plates: Callable | None = None,
@@ -160,15 +181,31 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
         num_flows = check_int("num_flows", num_flows, 1)
         if hidden_dims is not None:
-            if isinstance(hidden_dims, numbers.Integral):
-                hidden_dims = [int(hidden_dims)]
-            hidden_dims = list(hidden_dims)
-            for h in hidden_dims:
-                check_int("hidden_dims[i]", h, 1)
+            if isinstance(hidden_dims, numbers.Integral) and not isinstance(hidden_dims, bool):
+                hidden_dims = [hidden_dims]
+            if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Iterable):
+                raise TypeError(
+                    "hidden_dims must be an int >= 1, a sequence of them or None, got "
+                    f"{type(hidden_dims).__name__} {hidden_dims!r}"
+                )
+            hidden_dims = [
+                check_int(f"hidden_dims[{i}]", h, 1) for i, h in enumerate(list(hidden_dims))
+            ]
         if flow_kwargs is not None and not isinstance(flow_kwargs, dict):
             raise TypeError(f"flow_kwargs must be a dict, got {type(flow_kwargs).__name__}")
         self._init_estimator(estimator, temperature, num_nested)
-        init_scale = check_real("init_scale", init_scale, minimum=0.0, strict=True)
+        if init_loc_fn is not None and not callable(init_loc_fn):
+            raise TypeError(
+                "init_loc_fn must be a callable init strategy (site -> value), e.g. "
+                f"pyro.infer.autoguide.init_to_mean, or None, got {type(init_loc_fn).__name__}"
+            )
+        if create_plates is not None and not callable(create_plates):
+            raise TypeError(
+                "create_plates must be a callable (*args, **kwargs) -> plate(s) or None, got "
+                f"{type(create_plates).__name__}"
+            )
+        if init_scale is not None:
+            init_scale = check_real("init_scale", init_scale, minimum=0.0, strict=True)
         init_spread = check_init_spread(init_spread, num_components)
         num_quantile_samples = check_int("num_quantile_samples", num_quantile_samples, 1)
         if name is not None and (not isinstance(name, str) or not name):
@@ -180,9 +217,11 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         self.hidden_dims = hidden_dims
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
-        self._init_spread = init_spread
+        self._init_spread = resolve_init_spread(init_spread, init_loc_fn is not None, init_scale)
         self.num_quantile_samples = num_quantile_samples
         self._explicit_name = name
+        if init_loc_fn is None:
+            init_loc_fn = init_to_median_or_zero
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
             self.create_plates = create_plates
@@ -236,17 +275,21 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 f">= latent_dim)"
             ) from e
         self._claim_name()
+        scale = self._init_scale
         if k == 1:
             locs = loc.unsqueeze(0)
         elif self._init_spread == "prior":
             locs = prior_locs(self.model, self.prototype_trace, loc, k, *args, **kwargs)
+            if scale is None:
+                scale = kernel_scales(locs)
         else:
             locs = spread_locs(loc, k, self._init_spread)
+        if scale is None:
+            scale = DEFAULT_INIT_SCALE
+        scales = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(k, d)
         self.locs = PyroParam(locs, event_dim=2)
         self.scales = PyroParam(
-            torch.full((k, d), self._init_scale, dtype=loc.dtype, device=loc.device),
-            constraint=constraints.softplus_positive,
-            event_dim=2,
+            scales.clone(), constraint=constraints.softplus_positive, event_dim=2
         )
         self.logits = PyroParam(torch.zeros(k, dtype=loc.dtype, device=loc.device), event_dim=1)
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
@@ -259,7 +302,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 raise ValueError(
                     f"AutoMixtureFlow cannot guide the discrete latent site '{name}' "
                     f"(support {support}). Enumerate it out with config_enumerate and "
-                    "TraceEnum_ELBO, or block it with poutine.block and guide it separately."
+                    "TraceEnum_ELBO (see https://pyro.ai/examples/enumeration.html), or block "
+                    "it with poutine.block and guide it separately."
                 )
             for frame in site["cond_indep_stack"]:
                 full = frame.full_size
@@ -337,6 +381,59 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
             "values": self._constrain(latent),
         }
 
+    # ------------------------------------------------------- exact summaries
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Posterior quantiles of each latent site, element-wise.
+
+        For the bare mixture (``flow=None``) each unconstrained coordinate's marginal is a
+        one-dimensional Gaussian mixture, whose quantiles are computed exactly (by bisection,
+        see :meth:`~pyro_mogflow.distributions.MixtureFlow.marginal_quantiles`) and mapped
+        through the site's element-wise constraint transform. Sites whose transform mixes
+        coordinates (simplex, correlation matrices...) and guides with a flow fall back to
+        :attr:`num_quantile_samples` samples and empirical quantiles.
+
+        :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
+        :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            return super().quantiles(quantiles, *args, **kwargs)
+        levels = _check_levels(quantiles)
+        n = len(levels)
+        posterior = self.get_posterior(*args, **kwargs)
+        # levels and 1 - levels: a decreasing transform maps the latter to the former
+        latent = posterior.marginal_quantiles(torch.cat([levels, 1 - levels]))
+        out, pos, sampled = {}, 0, None
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = shape.numel()
+            transform = biject_to(site["fn"].support)
+            while isinstance(transform, IndependentTransform):
+                transform = transform.base_transform
+            if transform.domain.event_dim or transform.codomain.event_dim:
+                if sampled is None:
+                    sampled = super().quantiles(quantiles, *args, **kwargs)
+                out[name] = sampled[name]
+            else:
+                u = latent[:, pos : pos + size].reshape((2 * n,) + shape)
+                zero = torch.zeros(shape, dtype=u.dtype, device=u.device)
+                increasing = transform(zero + 1) > transform(zero)
+                out[name] = torch.where(increasing, transform(u[:n]), transform(u[n:]))
+            pos += size
+        return out
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the unconstrained latent (exact without a flow)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            return super()._loc_scale(*args, **kwargs)
+        with torch.no_grad():
+            posterior = self.get_posterior(*args, **kwargs)
+            return posterior.mean, posterior.variance.sqrt()
+
     # ---------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.prototype_trace is None and any(k.startswith(prefix) for k in state_dict):
@@ -346,3 +443,15 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 "load_state_dict."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_levels(quantiles) -> torch.Tensor:
+    try:
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
+        ) from e
+    if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
+    return q
