@@ -21,7 +21,6 @@ from .initialization import (
     DEFAULT_INIT_SCALE,
     check_init_spread,
     init_to_median_or_zero,
-    kernel_scales,
     prior_locs,
     resolve_init_spread,
     spread_locs,
@@ -99,23 +98,23 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         (default ``None``: ``init_to_median``, and for a site whose prior cannot be sampled,
         e.g. ``ImproperUniform``, the point that is zero in the unconstrained space).
     :param float init_scale: initial standard deviation of every component, in the
-        unconstrained space (default ``None``: a kernel bandwidth of the prior draws when the
-        components start at prior draws, else 0.1).
+        unconstrained space (default ``None``: 0.1). Passing it (or ``init_loc_fn``) makes the
+        guide start around its initial location (see ``init_spread="auto"``).
     :param init_spread: where the component means start. ``"prior"``: at ``K`` independent
         draws of the model's prior (ancestral draws of every latent site, mapped to the
         unconstrained space), so the components start spread over where the posterior can
-        live, with scale ``init_scale`` or, by default, the Silverman kernel bandwidth of the
-        draws (so the initial mixture is a smooth estimate of the prior, not ``K`` spikes); a
-        site whose distribution cannot be sampled (e.g. ``ImproperUniform``) is offset from the
-        initial location by standard normal noise instead, with a warning naming it. A float
-        ``s``: at the initial location plus ``s`` times standard normal offsets in antithetic
-        pairs :math:`\pm\epsilon`, so they never coincide and the mixture starts symmetric
-        about the initial location (its mean and median are exactly there). ``"auto"``
-        (default): ``"prior"`` when neither ``init_loc_fn`` nor ``init_scale`` is given (the
-        mode-finding start :func:`~pyro_mogflow.fit` relies on), otherwise the float
-        ``init_scale`` (0.1 if only ``init_loc_fn`` is given), so a guide given an initial
-        location or scale starts there, as every Pyro autoguide does: components within about
-        ``init_scale`` of the ``init_loc_fn`` location, each of scale ``init_scale``. Pass
+        live; a site whose distribution cannot be sampled (e.g. ``ImproperUniform``) is offset
+        from the initial location by standard normal noise instead, with a warning naming it.
+        A float
+        ``s``: at the initial location plus ``s`` times independent standard normal offsets,
+        so they never coincide. ``"auto"`` (default): ``"prior"`` when neither ``init_loc_fn``
+        nor ``init_scale`` is given (the mode-finding start :func:`~pyro_mogflow.fit` relies
+        on); otherwise the guide starts where it is told, as every Pyro autoguide does: the
+        means at the ``init_loc_fn`` location plus ``init_scale`` (0.1 if only ``init_loc_fn``
+        is given) times standard normal offsets in antithetic pairs :math:`\pm\epsilon`, each
+        component of scale ``init_scale``, so the mixture starts symmetric about that location
+        (its mean and every coordinate's median exactly there) with a spread of about
+        :math:`\sqrt 2\,` ``init_scale`` per coordinate. Pass
         ``init_spread="prior"`` explicitly to combine a custom scale with the prior spread.
         With ``K = 1`` the single mean is the initial location.
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
@@ -218,6 +217,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
         self._init_spread = resolve_init_spread(init_spread, init_loc_fn is not None, init_scale)
+        # components around a location the user asked for start symmetric about it
+        self._symmetric_spread = init_spread == "auto" and self._init_spread != "prior"
         self.num_quantile_samples = num_quantile_samples
         self._explicit_name = name
         if init_loc_fn is None:
@@ -280,10 +281,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
             locs = loc.unsqueeze(0)
         elif self._init_spread == "prior":
             locs = prior_locs(self.model, self.prototype_trace, loc, k, *args, **kwargs)
-            if scale is None:
-                scale = kernel_scales(locs)
         else:
-            locs = spread_locs(loc, k, self._init_spread)
+            locs = spread_locs(loc, k, self._init_spread, symmetric=self._symmetric_spread)
         if scale is None:
             scale = DEFAULT_INIT_SCALE
         scales = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(k, d)

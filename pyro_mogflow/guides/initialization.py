@@ -18,7 +18,6 @@ __all__ = [
     "INIT_SPREADS",
     "check_init_spread",
     "init_to_median_or_zero",
-    "kernel_scales",
     "prior_locs",
     "resolve_init_spread",
     "spread_locs",
@@ -27,8 +26,7 @@ __all__ = [
 #: The named ways to place the components (a float is the third way, see ``AutoMixtureFlow``).
 INIT_SPREADS = ("auto", "prior")
 
-#: The initial component scale when the components do not start at prior draws and
-#: ``init_scale`` is not given.
+#: The initial component scale when ``init_scale`` is not given.
 DEFAULT_INIT_SCALE = 0.1
 
 
@@ -92,43 +90,24 @@ def resolve_init_spread(
     return DEFAULT_INIT_SCALE if init_scale is None else init_scale
 
 
-def spread_locs(loc: torch.Tensor, num_components: int, init_spread: float) -> torch.Tensor:
+def spread_locs(
+    loc: torch.Tensor, num_components: int, init_spread: float, symmetric: bool = False
+) -> torch.Tensor:
     r"""``K`` means at ``loc`` plus ``init_spread`` times standard normal offsets, ``(K, D)``.
 
-    The offsets come in antithetic pairs :math:`\pm\epsilon` (and one zero offset when ``K``
-    is odd), so a mixture with equal weights and scales on these means is symmetric about
-    ``loc``: its mean and every coordinate's median start exactly at ``loc``.
+    With ``symmetric`` the offsets come in antithetic pairs :math:`\pm\epsilon` (and one zero
+    offset when ``K`` is odd), so a mixture with equal weights and scales on these means is
+    symmetric about ``loc``: its mean and every coordinate's median start exactly at ``loc``.
     """
+    if not symmetric:
+        noise = torch.randn(num_components, loc.shape[-1], dtype=loc.dtype, device=loc.device)
+        return loc + noise * init_spread
     half = num_components // 2
     noise = torch.randn(half, loc.shape[-1], dtype=loc.dtype, device=loc.device)
     parts = [noise, -noise]
     if num_components % 2:
         parts.append(torch.zeros_like(loc).unsqueeze(0))
     return loc + torch.cat(parts) * init_spread
-
-
-def kernel_scales(draws: torch.Tensor) -> torch.Tensor:
-    r"""Per-coordinate kernel bandwidths for ``K`` points ``draws`` (``(K, D)``), shape ``(D,)``.
-
-    Silverman's rule with a robust spread: :math:`h_d = \hat s_d\,(4 / ((D + 2) K))^{1/(D + 4)}`,
-    :math:`\hat s_d = \min(\mathrm{sd}_d, \mathrm{IQR}_d / 1.349)`, so that the mixture of
-    Gaussians of scale :math:`h` on the draws is a smooth estimate of the law they were drawn
-    from rather than ``K`` spikes. A coordinate whose draws do not spread (``K = 1``, a point
-    mass) gets :data:`DEFAULT_INIT_SCALE`.
-
-    Reference: B. W. Silverman, *Density Estimation for Statistics and Data Analysis*, 1986,
-    eq. (3.31) and section 4.3.2.
-    """
-    k, d = draws.shape
-    if k < 2:
-        return torch.full((d,), DEFAULT_INIT_SCALE, dtype=draws.dtype, device=draws.device)
-    x = draws.double()
-    sd = x.std(0)
-    iqr = torch.quantile(x, 0.75, dim=0) - torch.quantile(x, 0.25, dim=0)
-    spread = torch.where(iqr > 0, torch.minimum(sd, iqr / 1.349), sd)
-    h = spread * (4.0 / ((d + 2) * k)) ** (1.0 / (d + 4))
-    h = torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, DEFAULT_INIT_SCALE))
-    return h.to(draws.dtype)
 
 
 class _PriorDraw(Messenger):
