@@ -6,10 +6,13 @@ import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import Transform, biject_to
 from torch.distributions.transforms import IndependentTransform
 
@@ -126,10 +129,13 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         where its name is in use takes the next free name (see :attr:`name`).
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
 
-    Saving and restoring: ``torch.save(guide)`` / ``torch.load`` (and :mod:`pickle`) copy the
-    whole guide without touching the original; the copy has no model attached, which a set-up
-    guide does not need. To restore from a ``state_dict``, build the guide with the same
-    arguments, call :meth:`setup` with the model's arguments, then ``load_state_dict``::
+    Saving and restoring: ``torch.save(guide)`` / ``torch.load(f, weights_only=False)`` (and
+    :mod:`pickle`) copy the whole guide without touching the original; the copy has no model
+    attached, which a set-up guide does not need. A whole guide is arbitrary pickled Python
+    (its flows, init strategy, plates), so torch's default ``weights_only=True`` refuses it:
+    pass ``weights_only=False``, and only for files you trust. The ``state_dict`` (tensors
+    only) loads under the safe default. To restore from a ``state_dict``, build the guide with
+    the same arguments, call :meth:`setup` with the model's arguments, then ``load_state_dict``::
 
         fresh = AutoMixtureFlow(model, num_components=4, flow="affine_autoregressive")
         fresh.setup(data)
@@ -223,6 +229,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         self._explicit_name = name
         if init_loc_fn is None:
             init_loc_fn = init_to_median_or_zero
+        self._init_strategy = init_loc_fn
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
             self.create_plates = create_plates
@@ -379,6 +386,71 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
             "latent": latent,
             "values": self._constrain(latent),
         }
+
+    # ----------------------------------------------------------- model checks
+    def check_model(self, model: Callable | None = None, *args, **kwargs) -> None:
+        """Raise if ``model`` (default: the guide's own) does not have the guide's latent sites.
+
+        Runs the model once (under the guide's init strategy, without gradients) and compares
+        its latent sites and their shapes with those the guide was set up with, so a guide set
+        up for another model, or a model whose latent size changed since, is refused instead of
+        trained or sampled silently. :func:`~pyro_mogflow.fit` and :meth:`sample_posterior`
+        (when given the model's arguments) call it.
+
+        :param model: the Pyro model to check (``None``: the guide's own).
+        :param args: the model's positional arguments; :param kwargs: its keyword arguments.
+        :raises ValueError: naming the first site that is missing, extra or of another shape.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if model is None:
+            if self._model is None:
+                raise ValueError("this guide has no model attached (it was loaded); pass one")
+            model = self.model
+        with torch.no_grad(), poutine.block():
+            initialized = InitMessenger(self._init_strategy)(model)
+            trace = poutine.trace(initialized).get_trace(*args, **kwargs)
+        ours = {n: s["value"].shape for n, s in self.prototype_trace.iter_stochastic_nodes()}
+        theirs = {
+            name: site["value"].shape
+            for name, site in trace.iter_stochastic_nodes()
+            if not site_is_subsample(site)
+        }
+        for name in ours.keys() - theirs.keys():
+            raise ValueError(
+                f"this AutoMixtureFlow was set up for a model with latent site '{name}', which "
+                f"the model given does not have (its latent sites: {sorted(theirs)}). Build "
+                "the guide for this model: AutoMixtureFlow(model)."
+            )
+        for name in theirs.keys() - ours.keys():
+            raise ValueError(
+                f"the model has latent site '{name}', which this AutoMixtureFlow was not set "
+                f"up with (its sites: {sorted(ours)}): it was built for another model. Build "
+                "the guide for this model: AutoMixtureFlow(model)."
+            )
+        for name, shape in ours.items():
+            if theirs[name] != shape:
+                raise ValueError(
+                    f"latent site '{name}' has shape {tuple(theirs[name])} in the model but "
+                    f"{tuple(shape)} in this AutoMixtureFlow, which was set up before its size "
+                    "changed; its samples would have the old shape. Build a new guide for the "
+                    "model as it is now."
+                )
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict:
+        """Draw ``num_samples`` joint samples of every latent site from the guide.
+
+        Given the model's arguments, first checks (:meth:`check_model`) that the model's latent
+        sites still have the shapes the guide was set up with.
+
+        :param int num_samples: ``N``.
+        :param args: the model's arguments.
+        :return: dict site name -> constrained samples of shape ``(N, *site_shape)``.
+        """
+        if self.prototype_trace is not None and (args or kwargs) and self._model is not None:
+            self.check_model(None, *args, **kwargs)
+        return super().sample_posterior(num_samples, *args, **kwargs)
 
     # ------------------------------------------------------- exact summaries
     @torch.no_grad()
