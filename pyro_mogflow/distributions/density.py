@@ -15,6 +15,7 @@ import math
 import numbers
 
 import torch
+from pyro.util import ignore_jit_warnings
 
 __all__ = [
     "component_log_prob",
@@ -118,8 +119,10 @@ def check_mixture_params(logits, locs, scales) -> tuple[torch.Tensor, torch.Tens
             f"logits, locs and scales must share a dtype, got {logits.dtype}, {locs.dtype}, "
             f"{scales.dtype}"
         )
-    k = logits.shape[-1]
-    if locs.shape[-2] != k:
+    with ignore_jit_warnings():  # shapes are fixed for a traced call
+        k = int(logits.shape[-1])
+        k_locs = int(locs.shape[-2])
+    if k_locs != k:
         raise ValueError(
             f"locs must have K={k} components on dim -2 to match logits, got shape "
             f"{tuple(locs.shape)}"

@@ -17,7 +17,10 @@ estimator           sample                          base log-density    weight g
 ``stratified`` is the exact expectation over components taken by
 :class:`~pyro_mogflow.StratifiedELBO` through
 :meth:`~pyro_mogflow.distributions.MixtureFlow.stratified_rsample`; sampled on its own it draws
-the exact mixture as ``implicit`` does. :func:`mixture_base` builds the base for a name, and is
+the exact mixture as ``implicit`` does (what ``Trace_ELBO``, the jit ELBOs and ``Predictive``
+see; a supported path, without a warning). ``implicit`` and ``stratified`` samplers are built
+from standard operations only, so ``torch.jit.trace`` records them; ``pathwise`` cannot be
+traced. :func:`mixture_base` builds the base for a name, and is
 the only place in the package that maps a name to a sampler.
 
 References:
@@ -36,6 +39,7 @@ from collections.abc import Callable
 import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.util import ignore_jit_warnings
 
 from .._validation import check_real
 from .mixture import DiagNormalMixture
@@ -157,6 +161,8 @@ def mixture_base(
     if estimator == "pathwise":
         return _PathwiseMixture(logits, locs, scales)
     # "implicit" and "stratified": the exact mixture, sampled exactly.
-    if logits.shape[-1] == 1:
+    with ignore_jit_warnings():  # K is fixed for a traced guide
+        single = bool(logits.shape[-1] == 1)
+    if single:
         return _SingleGaussian(logits, locs, scales)
     return DiagNormalMixture(logits, locs, scales)

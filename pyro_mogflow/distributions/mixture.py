@@ -30,7 +30,7 @@ import math
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
-from torch.autograd.function import once_differentiable
+from pyro.util import ignore_jit_warnings
 
 from .density import (
     check_mixture_params,
@@ -39,7 +39,12 @@ from .density import (
     mixture_moments,
 )
 
-__all__ = ["DiagNormalMixture", "implicit_mixture_rsample", "mixture_rosenblatt"]
+__all__ = [
+    "DiagNormalMixture",
+    "implicit_mixture_rsample",
+    "mixture_marginal_quantiles",
+    "mixture_rosenblatt",
+]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: Upper bound on the number of elements of the ``(N, D, D)`` triangular systems solved at once
@@ -90,101 +95,27 @@ def mixture_rosenblatt(
     return (log_w.exp() * torch.special.ndtr(x)).sum(-2)
 
 
-def _solve_unit_upper(m_left: torch.Tensor, m_right: torch.Tensor, rhs: torch.Tensor):
-    """Solve ``(I + triu(m_left^T @ m_right, 1)) y = rhs`` for a batch of systems.
+def _solve_unit_lower(m_left: torch.Tensor, m_right: torch.Tensor, rhs: torch.Tensor):
+    """Solve ``(I + tril(m_left^T @ m_right, -1)) y = rhs`` for a batch of systems.
 
     :param m_left: shape ``(N, K, D)``; :param m_right: shape ``(N, K, D)``;
     :param rhs: shape ``(N, D)``. The ``(N, D, D)`` matrices are formed in chunks of samples.
+        Only ``rhs`` carries gradients (the systems are constants).
     :return: ``y``, shape ``(N, D)``.
     """
-    n, _, d = m_left.shape
+    with ignore_jit_warnings():  # the chunks follow the (fixed) shapes of a traced call
+        n, _, d = (int(size) for size in m_left.shape)
     chunk = max(1, _MAX_SYSTEM_NUMEL // (d * d))
     out = []
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
         system = m_left[sl].transpose(-1, -2) @ m_right[sl]
-        # Only the strict upper triangle is read; the unit diagonal is implied.
+        # Only the strict lower triangle is read; the unit diagonal is implied.
         y = torch.linalg.solve_triangular(
-            system, rhs[sl].unsqueeze(-1), upper=True, unitriangular=True
+            system, rhs[sl].unsqueeze(-1), upper=False, unitriangular=True
         )
         out.append(y.squeeze(-1))
     return torch.cat(out, dim=0)
-
-
-def _implicit_vjp(
-    grad: torch.Tensor,
-    value: torch.Tensor,
-    logits: torch.Tensor,
-    locs: torch.Tensor,
-    scales: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Vector-Jacobian product :math:`g^\top dz/d\theta` of the implicit reparameterization.
-
-    With :math:`J_z = \operatorname{diag}(q)(I + L)`, :math:`L` strictly lower triangular, solve
-    :math:`(I + L^\top) y = g` and set :math:`v = y / q`, so that
-    :math:`g^\top dz/d\theta = -v^\top \partial F/\partial\theta`, which is assembled in closed
-    form (responsibilities and conditional weights are exponentials of log-ratios).
-
-    Shapes: ``grad`` and ``value`` ``(*sample, *batch, D)``; parameters as in
-    :class:`DiagNormalMixture`. Returns gradients shaped like ``logits``, ``locs``, ``scales``.
-    """
-    x, _, log_w, log_q = _conditionals(value, logits, locs, scales)
-    phi = torch.special.ndtr(x)
-    cdf = (log_w.exp() * phi).sum(-2, keepdim=True)  # F_d, shape (..., 1, D)
-    c = torch.exp(log_w - log_q) * (phi - cdf)  # w_kd (Phi_kd - F_d) / q_d
-    d = value.shape[-1]
-    if d == 1:
-        y = grad
-    else:
-        k = locs.shape[-2]
-        s = -x / scales  # d log N(z_j; mu_kj, sigma_kj) / d z_j
-        lead = c.shape[:-2]
-        y = _solve_unit_upper(
-            s.expand(lead + (k, d)).reshape(-1, k, d),
-            c.reshape(-1, k, d),
-            grad.expand(lead + (d,)).reshape(-1, d),
-        ).reshape(lead + (d,))
-    y = y.unsqueeze(-2)  # (..., 1, D)
-    resp = torch.exp(log_w + (-0.5 * x.pow(2) - scales.log() - _HALF_LOG_2PI) - log_q)
-    direct = y * resp  # -v_d dF_d/dmu_kd
-    # Through the conditional weights: G_kd = -y_d c_kd acts on log pi_k and on every
-    # log N(z_j; .) with j < d; H_kj = sum_{d > j} G_kd.
-    g_w = -y * c
-    rev = torch.flip(torch.cumsum(torch.flip(g_w, (-1,)), dim=-1), (-1,))
-    h = torch.cat([rev[..., 1:], torch.zeros_like(rev[..., :1])], dim=-1)
-    grad_locs = direct + h * x / scales
-    grad_scales = direct * x + h * (x.pow(2) - 1) / scales
-    g_log_pi = g_w.sum(-1)
-    grad_logits = g_log_pi - torch.softmax(logits, -1) * g_log_pi.sum(-1, keepdim=True)
-    return (
-        grad_logits.sum_to_size(logits.shape),
-        grad_locs.sum_to_size(locs.shape),
-        grad_scales.sum_to_size(scales.shape),
-    )
-
-
-class _ImplicitMixtureSample(torch.autograd.Function):
-    """Identity on an exact draw whose backward is the implicit reparameterization gradient."""
-
-    @staticmethod
-    def forward(ctx, value, logits, locs, scales):
-        ctx.save_for_backward(value, logits, locs, scales)
-        return value.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        value, logits, locs, scales = ctx.saved_tensors
-        if not any(ctx.needs_input_grad[1:]):
-            return None, None, None, None
-        g_logits, g_locs, g_scales = _implicit_vjp(grad, value, logits, locs, scales)
-        needs = ctx.needs_input_grad
-        return (
-            None,
-            g_logits if needs[1] else None,
-            g_locs if needs[2] else None,
-            g_scales if needs[3] else None,
-        )
 
 
 def implicit_mixture_rsample(
@@ -192,11 +123,25 @@ def implicit_mixture_rsample(
 ) -> torch.Tensor:
     r"""Attach implicit reparameterization gradients to exact mixture draws ``value``.
 
-    The result equals ``value``; its gradient wrt the parameters is
-    :math:`-J_z^{-1} \partial F / \partial\theta` (see the module docstring). ``value`` must be
-    a draw from the mixture (or any point: the gradient is then the one that keeps its
-    Rosenblatt coordinates fixed). Cost: :math:`O(K D^2)` per sample in the backward pass
-    (:math:`O(K D)` when ``D == 1``). Not twice differentiable.
+    The result equals ``value`` exactly; its gradient wrt the parameters is
+    :math:`-J_z^{-1} \partial F / \partial\theta` (see the module docstring). ``value`` must
+    be a draw from the mixture (or any point: the gradient is then the one that keeps its
+    Rosenblatt coordinates fixed).
+
+    It is built from standard differentiable operations only, so ``torch.jit.trace`` (and
+    Pyro's ``JitTrace_ELBO``) can record it: with :math:`z_0` the draw and :math:`J` the
+    Jacobian at :math:`z_0`, both held constant,
+
+    .. math::
+        z = z_0 - J^{-1} \big(F(z_0; \theta) - \operatorname{stopgrad} F(z_0; \theta)\big),
+
+    whose value is :math:`z_0` (the bracket is exactly zero) and whose derivative is the
+    implicit one. :math:`J = \operatorname{diag}(q)(I + L)` with :math:`L` strictly lower
+    triangular, so the solve is a batched unit-triangular solve; the bracket is divided by
+    :math:`q` term by term in log space (responsibilities and conditional weights), so float32
+    stays finite at ``D = 1000``, ``K = 32``. Cost: :math:`O(K D^2)` per sample
+    (:math:`O(K D)` when ``D == 1``), paid only when a parameter requires a gradient. First
+    derivatives only: higher derivatives of the result are not those of the implicit map.
 
     :param torch.Tensor value: shape ``(*sample, *batch, D)``, treated as a constant.
     :param torch.Tensor logits: shape ``(*batch, K)``.
@@ -204,7 +149,73 @@ def implicit_mixture_rsample(
     :param torch.Tensor scales: shape ``(*batch, K, D)``.
     :return: shape ``(*sample, *batch, D)``.
     """
-    return _ImplicitMixtureSample.apply(value.detach(), logits, locs, scales)
+    z0 = value.detach()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (logits, locs, scales)):
+        return z0.clone()
+    x, log_n, log_w, log_q = _conditionals(z0, logits, locs, scales)
+    x_c, log_n_c, log_w_c, log_q_c = (t.detach() for t in (x, log_n, log_w, log_q))
+    phi = torch.special.ndtr(x_c)
+    cdf = (log_w_c.exp() * phi).sum(-2, keepdim=True)  # F_d, shape (..., 1, D)
+    c = torch.exp(log_w_c - log_q_c) * (phi - cdf)  # w_kd (Phi_kd - F_d) / q_d
+    # d Phi(x_kd) = phi(x_kd) dx_kd, and w_kd phi(x_kd) / q_d = resp_kd sigma_kd
+    a = torch.exp(log_w_c + log_n_c - log_q_c) * scales.detach()
+    # (F(z0; theta) - stopgrad F(z0; theta)) / q: exactly zero, with gradient dF/dtheta / q.
+    # Subtracting F_d inside c changes no gradient (sum_k dw_kd = 0) but keeps terms small.
+    # A switched-off component (logit -inf) has c = 0 and contributes nothing.
+    dlog_w = torch.where(torch.isfinite(log_w_c), log_w - log_w_c, torch.zeros_like(log_w_c))
+    r = (c * dlog_w + a * (x - x_c)).sum(-2)
+    with ignore_jit_warnings():
+        k, d = (int(size) for size in locs.shape[-2:])
+    if d == 1:
+        return z0 - r
+    s = -x_c / scales.detach()  # d log N(z_j; mu_kj, sigma_kj) / d z_j
+    lead = c.shape[:-2]
+    dz = _solve_unit_lower(
+        c.reshape(-1, k, d), s.expand(lead + (k, d)).reshape(-1, k, d), r.reshape(-1, d)
+    )
+    return z0 - dz.reshape(lead + (d,))
+
+
+@torch.no_grad()
+def mixture_marginal_quantiles(
+    levels: torch.Tensor, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    r"""Exact quantiles of each coordinate's marginal law under a diagonal Gaussian mixture.
+
+    Coordinate :math:`d` has the one-dimensional mixture law
+    :math:`F_d(x) = \sum_k \pi_k \Phi((x - \mu_{kd}) / \sigma_{kd})`, which is strictly
+    increasing, so each quantile is the unique root of :math:`F_d(x) = p`; it is found by
+    bisection in float64 on a bracket that holds every component's :math:`\pm 40\sigma`,
+    to the last bit of float64 (level 0 gives ``-inf``, level 1 ``+inf``).
+
+    :param torch.Tensor levels: shape ``(L,)``, in ``[0, 1]``.
+    :param torch.Tensor logits: shape ``(*batch, K)``.
+    :param torch.Tensor locs: shape ``(*batch, K, D)``.
+    :param torch.Tensor scales: shape ``(*batch, K, D)``.
+    :return: shape ``(L, *batch, D)``, in the dtype and device of ``locs``.
+    """
+    logits, locs, scales = check_mixture_params(logits, locs, scales)
+    dtype = locs.dtype
+    w = torch.softmax(logits.double(), -1).unsqueeze(-1)  # (*batch, K, 1)
+    mu, sd = locs.double(), scales.double()
+    p = torch.as_tensor(levels, dtype=torch.float64, device=locs.device).reshape(
+        (-1,) + (1,) * (locs.dim() - 1)
+    )  # (L, *1, 1)
+    lo = (mu - 40 * sd).amin(-2).expand(p.shape[:1] + mu.shape[:-2] + mu.shape[-1:])
+    hi = (mu + 40 * sd).amax(-2).expand_as(lo)
+    lo, hi = lo.clone(), hi.clone()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        cdf = (w * torch.special.ndtr((mid.unsqueeze(-2) - mu) / sd)).sum(-2)
+        below = cdf < p
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+        if bool(((hi - lo) <= 4 * torch.finfo(torch.float64).eps * hi.abs().clamp(min=1)).all()):
+            break
+    out = 0.5 * (lo + hi)
+    out = torch.where(p == 0, torch.full_like(out, -math.inf), out)
+    out = torch.where(p == 1, torch.full_like(out, math.inf), out)
+    return out.to(dtype)
 
 
 class DiagNormalMixture(TorchDistribution):

@@ -13,7 +13,6 @@ r"""The mixture flow: a normalizing flow on a mixture of diagonal Gaussians, as 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -22,8 +21,9 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from .density import mixture_log_prob
+from .density import mixture_log_prob, mixture_moments
 from .estimators import check_estimator, mixture_base
+from .mixture import mixture_marginal_quantiles
 
 __all__ = ["MixtureFlow", "StratifiedSample"]
 
@@ -118,6 +118,45 @@ class MixtureFlow(TorchDistribution):
         r""":math:`\pi = \operatorname{softmax}(\text{logits})`, shape ``(*batch, K)``."""
         return torch.softmax(self.logits, dim=-1)
 
+    def _require_bare(self, what: str) -> None:
+        if self.transforms:
+            raise NotImplementedError(
+                f"the {what} of a mixture flow with transforms has no closed form; estimate it "
+                "from samples (e.g. AutoMixtureFlow.quantiles, which samples in that case)"
+            )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Exact mean, shape ``(*batch, D)``, for the bare mixture (no transforms).
+
+        :raises NotImplementedError: if there are transforms.
+        """
+        self._require_bare("mean")
+        return mixture_moments(self.logits, self.locs, self.scales)[0].expand(
+            self.batch_shape + self.event_shape
+        )
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Exact per-coordinate variance, shape ``(*batch, D)``, for the bare mixture.
+
+        :raises NotImplementedError: if there are transforms.
+        """
+        self._require_bare("variance")
+        return mixture_moments(self.logits, self.locs, self.scales)[1].expand(
+            self.batch_shape + self.event_shape
+        )
+
+    def marginal_quantiles(self, levels) -> torch.Tensor:
+        """Exact quantiles of every coordinate's marginal, shape ``(L, *batch, D)``, for the
+        bare mixture (see :func:`~pyro_mogflow.distributions.mixture.mixture_marginal_quantiles`).
+
+        :param levels: ``L`` levels in ``[0, 1]``.
+        :raises NotImplementedError: if there are transforms (a flow mixes the coordinates).
+        """
+        self._require_bare("marginal quantiles")
+        return mixture_marginal_quantiles(levels, self.logits, self.locs, self.scales)
+
     def expand(self, batch_shape, _instance=None) -> MixtureFlow:
         new = self._get_checked_instance(MixtureFlow, _instance)
         batch_shape = torch.Size(batch_shape)
@@ -148,16 +187,14 @@ class MixtureFlow(TorchDistribution):
         return u
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Reparameterized draw, shape ``(*sample_shape, *batch_shape, D)``."""
-        if self.estimator == "stratified" and torch.is_grad_enabled():
-            warnings.warn(
-                "a mixture flow with estimator='stratified' is sampled with gradients outside "
-                "StratifiedELBO, so it draws the exact mixture with implicit reparameterization "
-                "(unbiased, not stratified). Train with pyro_mogflow.StratifiedELBO, or use "
-                "estimator='implicit'.",
-                UserWarning,
-                stacklevel=2,
-            )
+        """Reparameterized draw, shape ``(*sample_shape, *batch_shape, D)``.
+
+        With ``estimator="stratified"`` this is the draw any Pyro ELBO other than
+        :class:`~pyro_mogflow.StratifiedELBO` makes (``Trace_ELBO``, ``JitTrace_ELBO``,
+        ``Predictive``...): the exact mixture, sampled with implicit reparameterization
+        gradients, exactly as ``estimator="implicit"`` (unbiased; one component per draw rather
+        than every component). It is a supported path and does not warn.
+        """
         return self._forward(self.base_dist.rsample(sample_shape))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:

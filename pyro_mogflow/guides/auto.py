@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
-from torch.distributions import Transform
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Transform, biject_to
+from torch.distributions.transforms import IndependentTransform
 
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
 from ..distributions.estimators import ESTIMATORS, Temperature
 from ..flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
-from .initialization import check_init_spread, prior_locs, spread_locs
+from .initialization import (
+    DEFAULT_INIT_SCALE,
+    check_init_spread,
+    init_to_median_or_zero,
+    prior_locs,
+    resolve_init_spread,
+    spread_locs,
+)
 from .naming import UniqueName
 from .state import EstimatorState
 from .summaries import SampleSummaries
@@ -47,10 +57,12 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     weight gradient is). The guide's posterior is a
     :class:`~pyro_mogflow.distributions.MixtureFlow`.
 
-    ``relaxed-nested`` is the design note's method as written; ``stratified`` is meant for
-    :class:`~pyro_mogflow.StratifiedELBO` (under any other ELBO it samples the exact mixture as
-    ``implicit`` does, unbiased but not stratified, and warns once); every other estimator works
-    with any Pyro ELBO.
+    ``relaxed-nested`` is the design note's method as written. ``stratified`` takes the exact
+    expectation over components under :class:`~pyro_mogflow.StratifiedELBO`; under any other
+    ELBO (``Trace_ELBO``, the jit ELBOs, ``Predictive``) it samples the exact mixture with
+    implicit reparameterization gradients, as ``implicit`` does (unbiased, not stratified), so
+    ``SVI(model, AutoMixtureFlow(model), optim, Trace_ELBO())`` works as with any Pyro guide,
+    without a warning. Every estimator but ``pathwise`` can be traced by ``JitTrace_ELBO``.
 
     Usage (:func:`pyro_mogflow.fit` adds the tempering and weight updates that find modes)::
 
@@ -80,21 +92,34 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
     :param str estimator: one of :data:`ESTIMATORS` (default ``"stratified"``: the exact
         expectation over components, trained with :class:`~pyro_mogflow.StratifiedELBO`, e.g. by
         :func:`pyro_mogflow.fit`; under another ELBO it samples the exact mixture like
-        ``"implicit"`` and warns. The relaxed estimators' objectives are unbounded, see README).
+        ``"implicit"``. The relaxed estimators' objectives are unbounded, see README).
     :param temperature: Gumbel-softmax temperature for the relaxed estimators: a positive float
         or a callable ``step -> float``, where ``step`` is :attr:`step`, the number of guide
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
     :param int num_nested: inner draws of the nested density for ``"relaxed-nested"``.
-    :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide.
-    :param float init_scale: initial standard deviation of every component (default 0.1).
-    :param init_spread: ``"prior"``: the component means start at ``K`` independent draws of
-        the model's prior (ancestral draws of every latent site, mapped to the unconstrained
-        space), so the components start spread over where the posterior can live; a site whose
-        distribution cannot be sampled (e.g. ``ImproperUniform``) is offset from the initial
-        location by standard normal noise instead, with a warning naming it. A float: the
-        component means start at the initial location plus ``init_spread`` times independent
-        standard normal offsets, so they never coincide. Default ``"prior"``; with ``K = 1``
-        the single mean is the initial location.
+    :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide
+        (default ``None``: ``init_to_median``, and for a site whose prior cannot be sampled,
+        e.g. ``ImproperUniform``, the point that is zero in the unconstrained space).
+    :param float init_scale: initial standard deviation of every component, in the
+        unconstrained space (default ``None``: 0.1). Passing it (or ``init_loc_fn``) makes the
+        guide start around its initial location (see ``init_spread="auto"``).
+    :param init_spread: where the component means start. ``"prior"``: at ``K`` independent
+        draws of the model's prior (ancestral draws of every latent site, mapped to the
+        unconstrained space), so the components start spread over where the posterior can
+        live; a site whose distribution cannot be sampled (e.g. ``ImproperUniform``) is offset
+        from the initial location by standard normal noise instead, with a warning naming it.
+        A float
+        ``s``: at the initial location plus ``s`` times independent standard normal offsets,
+        so they never coincide. ``"auto"`` (default): ``"prior"`` when neither ``init_loc_fn``
+        nor ``init_scale`` is given (the mode-finding start :func:`~pyro_mogflow.fit` relies
+        on); otherwise the guide starts where it is told, as every Pyro autoguide does: the
+        means at the ``init_loc_fn`` location plus ``init_scale`` (0.1 if only ``init_loc_fn``
+        is given) times standard normal offsets in antithetic pairs :math:`\pm\epsilon`, each
+        component of scale ``init_scale``, so the mixture starts symmetric about that location
+        (its mean and every coordinate's median exactly there) with a spread of about
+        :math:`\sqrt 2\,` ``init_scale`` per coordinate. Pass
+        ``init_spread="prior"`` explicitly to combine a custom scale with the prior spread.
+        With ``K = 1`` the single mean is the initial location.
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
     :param str name: prefix of the guide's names in Pyro's param store. By default the first
         free name among ``AutoMixtureFlow``, ``AutoMixtureFlow_1``, ... is taken when the guide
@@ -104,10 +129,13 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         where its name is in use takes the next free name (see :attr:`name`).
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
 
-    Saving and restoring: ``torch.save(guide)`` / ``torch.load`` (and :mod:`pickle`) copy the
-    whole guide without touching the original; the copy has no model attached, which a set-up
-    guide does not need. To restore from a ``state_dict``, build the guide with the same
-    arguments, call :meth:`setup` with the model's arguments, then ``load_state_dict``::
+    Saving and restoring: ``torch.save(guide)`` / ``torch.load(f, weights_only=False)`` (and
+    :mod:`pickle`) copy the whole guide without touching the original; the copy has no model
+    attached, which a set-up guide does not need. A whole guide is arbitrary pickled Python
+    (its flows, init strategy, plates), so torch's default ``weights_only=True`` refuses it:
+    pass ``weights_only=False``, and only for files you trust. The ``state_dict`` (tensors
+    only) loads under the safe default. To restore from a ``state_dict``, build the guide with
+    the same arguments, call :meth:`setup` with the model's arguments, then ``load_state_dict``::
 
         fresh = AutoMixtureFlow(model, num_components=4, flow="affine_autoregressive")
         fresh.setup(data)
@@ -138,9 +166,9 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         estimator: str = "stratified",
         temperature: Temperature = 0.5,
         num_nested: int = 32,
-        init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
-        init_spread: float | str = "prior",
+        init_loc_fn: Callable | None = None,
+        init_scale: float | None = None,
+        init_spread: float | str = "auto",
         num_quantile_samples: int = 4096,
         name: str | None = None,
         create_plates: Callable | None = None,
@@ -158,15 +186,31 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
         num_flows = check_int("num_flows", num_flows, 1)
         if hidden_dims is not None:
-            if isinstance(hidden_dims, numbers.Integral):
-                hidden_dims = [int(hidden_dims)]
-            hidden_dims = list(hidden_dims)
-            for h in hidden_dims:
-                check_int("hidden_dims[i]", h, 1)
+            if isinstance(hidden_dims, numbers.Integral) and not isinstance(hidden_dims, bool):
+                hidden_dims = [hidden_dims]
+            if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Iterable):
+                raise TypeError(
+                    "hidden_dims must be an int >= 1, a sequence of them or None, got "
+                    f"{type(hidden_dims).__name__} {hidden_dims!r}"
+                )
+            hidden_dims = [
+                check_int(f"hidden_dims[{i}]", h, 1) for i, h in enumerate(list(hidden_dims))
+            ]
         if flow_kwargs is not None and not isinstance(flow_kwargs, dict):
             raise TypeError(f"flow_kwargs must be a dict, got {type(flow_kwargs).__name__}")
         self._init_estimator(estimator, temperature, num_nested)
-        init_scale = check_real("init_scale", init_scale, minimum=0.0, strict=True)
+        if init_loc_fn is not None and not callable(init_loc_fn):
+            raise TypeError(
+                "init_loc_fn must be a callable init strategy (site -> value), e.g. "
+                f"pyro.infer.autoguide.init_to_mean, or None, got {type(init_loc_fn).__name__}"
+            )
+        if create_plates is not None and not callable(create_plates):
+            raise TypeError(
+                "create_plates must be a callable (*args, **kwargs) -> plate(s) or None, got "
+                f"{type(create_plates).__name__}"
+            )
+        if init_scale is not None:
+            init_scale = check_real("init_scale", init_scale, minimum=0.0, strict=True)
         init_spread = check_init_spread(init_spread, num_components)
         num_quantile_samples = check_int("num_quantile_samples", num_quantile_samples, 1)
         if name is not None and (not isinstance(name, str) or not name):
@@ -178,9 +222,14 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         self.hidden_dims = hidden_dims
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
-        self._init_spread = init_spread
+        self._init_spread = resolve_init_spread(init_spread, init_loc_fn is not None, init_scale)
+        # components around a location the user asked for start symmetric about it
+        self._symmetric_spread = init_spread == "auto" and self._init_spread != "prior"
         self.num_quantile_samples = num_quantile_samples
         self._explicit_name = name
+        if init_loc_fn is None:
+            init_loc_fn = init_to_median_or_zero
+        self._init_strategy = init_loc_fn
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
             self.create_plates = create_plates
@@ -234,17 +283,19 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 f">= latent_dim)"
             ) from e
         self._claim_name()
+        scale = self._init_scale
         if k == 1:
             locs = loc.unsqueeze(0)
         elif self._init_spread == "prior":
             locs = prior_locs(self.model, self.prototype_trace, loc, k, *args, **kwargs)
         else:
-            locs = spread_locs(loc, k, self._init_spread)
+            locs = spread_locs(loc, k, self._init_spread, symmetric=self._symmetric_spread)
+        if scale is None:
+            scale = DEFAULT_INIT_SCALE
+        scales = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(k, d)
         self.locs = PyroParam(locs, event_dim=2)
         self.scales = PyroParam(
-            torch.full((k, d), self._init_scale, dtype=loc.dtype, device=loc.device),
-            constraint=constraints.softplus_positive,
-            event_dim=2,
+            scales.clone(), constraint=constraints.softplus_positive, event_dim=2
         )
         self.logits = PyroParam(torch.zeros(k, dtype=loc.dtype, device=loc.device), event_dim=1)
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
@@ -257,7 +308,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 raise ValueError(
                     f"AutoMixtureFlow cannot guide the discrete latent site '{name}' "
                     f"(support {support}). Enumerate it out with config_enumerate and "
-                    "TraceEnum_ELBO, or block it with poutine.block and guide it separately."
+                    "TraceEnum_ELBO (see https://pyro.ai/examples/enumeration.html), or block "
+                    "it with poutine.block and guide it separately."
                 )
             for frame in site["cond_indep_stack"]:
                 full = frame.full_size
@@ -355,6 +407,124 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
             )
         return {"weights": weights, "latent": latent, "values": values, "groups": groups}
 
+    # ----------------------------------------------------------- model checks
+    def check_model(self, model: Callable | None = None, *args, **kwargs) -> None:
+        """Raise if ``model`` (default: the guide's own) does not have the guide's latent sites.
+
+        Runs the model once (under the guide's init strategy, without gradients) and compares
+        its latent sites and their shapes with those the guide was set up with, so a guide set
+        up for another model, or a model whose latent size changed since, is refused instead of
+        trained or sampled silently. :func:`~pyro_mogflow.fit` and :meth:`sample_posterior`
+        (when given the model's arguments) call it.
+
+        :param model: the Pyro model to check (``None``: the guide's own).
+        :param args: the model's positional arguments; :param kwargs: its keyword arguments.
+        :raises ValueError: naming the first site that is missing, extra or of another shape.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if model is None:
+            if self._model is None:
+                raise ValueError("this guide has no model attached (it was loaded); pass one")
+            model = self.model
+        with torch.no_grad(), poutine.block():
+            initialized = InitMessenger(self._init_strategy)(model)
+            trace = poutine.trace(initialized).get_trace(*args, **kwargs)
+        ours = {n: s["value"].shape for n, s in self.prototype_trace.iter_stochastic_nodes()}
+        theirs = {
+            name: site["value"].shape
+            for name, site in trace.iter_stochastic_nodes()
+            if not site_is_subsample(site)
+        }
+        for name in ours.keys() - theirs.keys():
+            raise ValueError(
+                f"this AutoMixtureFlow was set up for a model with latent site '{name}', which "
+                f"the model given does not have (its latent sites: {sorted(theirs)}). Build "
+                "the guide for this model: AutoMixtureFlow(model)."
+            )
+        for name in theirs.keys() - ours.keys():
+            raise ValueError(
+                f"the model has latent site '{name}', which this AutoMixtureFlow was not set "
+                f"up with (its sites: {sorted(ours)}): it was built for another model. Build "
+                "the guide for this model: AutoMixtureFlow(model)."
+            )
+        for name, shape in ours.items():
+            if theirs[name] != shape:
+                raise ValueError(
+                    f"latent site '{name}' has shape {tuple(theirs[name])} in the model but "
+                    f"{tuple(shape)} in this AutoMixtureFlow, which was set up before its size "
+                    "changed; its samples would have the old shape. Build a new guide for the "
+                    "model as it is now."
+                )
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict:
+        """Draw ``num_samples`` joint samples of every latent site from the guide.
+
+        Given the model's arguments, first checks (:meth:`check_model`) that the model's latent
+        sites still have the shapes the guide was set up with.
+
+        :param int num_samples: ``N``.
+        :param args: the model's arguments.
+        :return: dict site name -> constrained samples of shape ``(N, *site_shape)``.
+        """
+        if self.prototype_trace is not None and (args or kwargs) and self._model is not None:
+            self.check_model(None, *args, **kwargs)
+        return super().sample_posterior(num_samples, *args, **kwargs)
+
+    # ------------------------------------------------------- exact summaries
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Posterior quantiles of each latent site, element-wise.
+
+        For the bare mixture (``flow=None``) each unconstrained coordinate's marginal is a
+        one-dimensional Gaussian mixture, whose quantiles are computed exactly (by bisection,
+        see :meth:`~pyro_mogflow.distributions.MixtureFlow.marginal_quantiles`) and mapped
+        through the site's element-wise constraint transform. Sites whose transform mixes
+        coordinates (simplex, correlation matrices...) and guides with a flow fall back to
+        :attr:`num_quantile_samples` samples and empirical quantiles.
+
+        :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
+        :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            return super().quantiles(quantiles, *args, **kwargs)
+        levels = _check_levels(quantiles)
+        n = len(levels)
+        posterior = self.get_posterior(*args, **kwargs)
+        # levels and 1 - levels: a decreasing transform maps the latter to the former
+        latent = posterior.marginal_quantiles(torch.cat([levels, 1 - levels]))
+        out, pos, sampled = {}, 0, None
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = shape.numel()
+            transform = biject_to(site["fn"].support)
+            while isinstance(transform, IndependentTransform):
+                transform = transform.base_transform
+            if transform.domain.event_dim or transform.codomain.event_dim:
+                if sampled is None:
+                    sampled = super().quantiles(quantiles, *args, **kwargs)
+                out[name] = sampled[name]
+            else:
+                u = latent[:, pos : pos + size].reshape((2 * n,) + shape)
+                zero = torch.zeros(shape, dtype=u.dtype, device=u.device)
+                increasing = transform(zero + 1) > transform(zero)
+                out[name] = torch.where(increasing, transform(u[:n]), transform(u[n:]))
+            pos += size
+        return out
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the unconstrained latent (exact without a flow)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            return super()._loc_scale(*args, **kwargs)
+        with torch.no_grad():
+            posterior = self.get_posterior(*args, **kwargs)
+            return posterior.mean, posterior.variance.sqrt()
+
     # ---------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.prototype_trace is None and any(k.startswith(prefix) for k in state_dict):
@@ -364,3 +534,15 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 "load_state_dict."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_levels(quantiles) -> torch.Tensor:
+    try:
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
+        ) from e
+    if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
+    return q

@@ -2,34 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Callable
 
 import pyro
 import torch
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-__all__ = ["check_init_spread", "prior_locs", "spread_locs"]
+__all__ = [
+    "INIT_SPREADS",
+    "check_init_spread",
+    "init_to_median_or_zero",
+    "prior_locs",
+    "resolve_init_spread",
+    "spread_locs",
+]
+
+#: The named ways to place the components (a float is the third way, see ``AutoMixtureFlow``).
+INIT_SPREADS = ("auto", "prior")
+
+#: The initial component scale when ``init_scale`` is not given.
+DEFAULT_INIT_SCALE = 0.1
 
 
 def check_init_spread(init_spread: object, num_components: int) -> float | str:
-    """Return ``init_spread`` (``"prior"`` or a float ``>= 0``), raising before any work.
+    """Return ``init_spread`` (``"auto"``, ``"prior"`` or a finite float ``>= 0``), raising
+    before any work.
 
-    :raises TypeError: for anything but ``"prior"`` or a real number.
-    :raises ValueError: for another string, a negative value, or ``0`` with ``K > 1`` (every
-        component would start on one point and they could never separate).
+    :raises TypeError: for anything but one of :data:`INIT_SPREADS` or a real number.
+    :raises ValueError: for another string, a negative, NaN or infinite value, or ``0`` with
+        ``K > 1`` (every component would start on one point and they could never separate).
     """
     if isinstance(init_spread, str):
-        if init_spread != "prior":
-            raise ValueError(f"init_spread must be 'prior' or a float >= 0, got {init_spread!r}")
+        if init_spread not in INIT_SPREADS:
+            raise ValueError(
+                f"init_spread must be 'auto', 'prior' or a finite float >= 0, got {init_spread!r}"
+            )
         return init_spread
     if isinstance(init_spread, bool) or not isinstance(init_spread, numbers.Real):
-        raise TypeError(f"init_spread must be 'prior' or a float, got {type(init_spread).__name__}")
-    if init_spread < 0:
-        raise ValueError(f"init_spread must be >= 0, got {init_spread}")
+        raise TypeError(
+            f"init_spread must be 'auto', 'prior' or a float, got {type(init_spread).__name__}"
+        )
+    if not math.isfinite(init_spread) or init_spread < 0:
+        raise ValueError(
+            f"init_spread must be 'auto', 'prior' or a finite float >= 0, got {init_spread}"
+        )
     if num_components > 1 and init_spread == 0:
         raise ValueError(
             "init_spread must be > 0 when num_components > 1, or every component starts on "
@@ -38,10 +60,54 @@ def check_init_spread(init_spread: object, num_components: int) -> float | str:
     return float(init_spread)
 
 
-def spread_locs(loc: torch.Tensor, num_components: int, init_spread: float) -> torch.Tensor:
-    """``K`` means at ``loc`` plus ``init_spread`` times standard normal offsets, ``(K, D)``."""
-    noise = torch.randn(num_components, loc.shape[-1], dtype=loc.dtype, device=loc.device)
-    return loc + noise * init_spread
+def init_to_median_or_zero(site: dict | None = None):
+    """The default ``init_loc_fn``: Pyro's ``init_to_median``, and for a site whose
+    distribution cannot be sampled (e.g. ``ImproperUniform``) the point that is zero in the
+    unconstrained space (Pyro's own fallback, ``init_to_feasible``, samples too and fails)."""
+    if site is None:
+        return init_to_median_or_zero
+    try:
+        return init_to_median(site)
+    except NotImplementedError:
+        fn = site["fn"]
+        transform = biject_to(fn.support)
+        shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+        like = next((t for t in vars(fn).values() if isinstance(t, torch.Tensor)), None)
+        zero = torch.zeros(shape) if like is None else like.new_zeros(shape)
+        return transform(zero).detach()
+
+
+def resolve_init_spread(
+    init_spread: float | str, init_loc_given: bool, init_scale: float | None
+) -> float | str:
+    """What ``init_spread="auto"`` means: ``"prior"`` unless the user passed ``init_loc_fn`` or
+    ``init_scale``; then the components start around the initial location, offset by
+    ``init_scale`` (or :data:`DEFAULT_INIT_SCALE`) times symmetric standard normal draws."""
+    if init_spread != "auto":
+        return init_spread
+    if not init_loc_given and init_scale is None:
+        return "prior"
+    return DEFAULT_INIT_SCALE if init_scale is None else init_scale
+
+
+def spread_locs(
+    loc: torch.Tensor, num_components: int, init_spread: float, symmetric: bool = False
+) -> torch.Tensor:
+    r"""``K`` means at ``loc`` plus ``init_spread`` times standard normal offsets, ``(K, D)``.
+
+    With ``symmetric`` the offsets come in antithetic pairs :math:`\pm\epsilon` (and one zero
+    offset when ``K`` is odd), so a mixture with equal weights and scales on these means is
+    symmetric about ``loc``: its mean and every coordinate's median start exactly at ``loc``.
+    """
+    if not symmetric:
+        noise = torch.randn(num_components, loc.shape[-1], dtype=loc.dtype, device=loc.device)
+        return loc + noise * init_spread
+    half = num_components // 2
+    noise = torch.randn(half, loc.shape[-1], dtype=loc.dtype, device=loc.device)
+    parts = [noise, -noise]
+    if num_components % 2:
+        parts.append(torch.zeros_like(loc).unsqueeze(0))
+    return loc + torch.cat(parts) * init_spread
 
 
 class _PriorDraw(Messenger):

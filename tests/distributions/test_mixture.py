@@ -373,3 +373,68 @@ def test_guide_trains_with_trace_elbo(vectorize):
     assert all(math.isfinite(x) for x in losses)
     for name, value in pyro.get_param_store().items():
         assert not torch.equal(before[name], value.detach()), name
+
+
+# ------------------------------------------------------------ traceable implicit sampler
+@pytest.mark.parametrize(
+    "batch, k, d, sample, disabled",
+    [
+        ((), 3, 1, (5,), False),
+        ((), 3, 4, (7,), False),
+        ((2,), 4, 3, (6,), False),
+        ((2, 3), 2, 5, (), False),
+        ((), 3, 3, (4,), True),
+    ],
+)
+def test_traceable_sampler_matches_the_custom_function_reference(batch, k, d, sample, disabled):
+    """The standard-ops surrogate gives the first implementation's values and gradients."""
+    from .implicit_reference import reference_implicit_rsample
+
+    torch.manual_seed(13)
+    logits, locs, scales = _params(batch, k=k, d=d)
+    if disabled:
+        logits[..., 1] = -math.inf
+    z = DiagNormalMixture(logits, locs, scales).sample(sample)
+    g = torch.randn(z.shape, dtype=z.dtype)
+    out = []
+    for f in (implicit_mixture_rsample, reference_implicit_rsample):
+        params = [t.clone().requires_grad_() for t in (logits, locs, scales)]
+        zz = f(z, *params)
+        out.append((zz, *torch.autograd.grad((g * zz).sum(), params)))
+    assert torch.equal(out[0][0], z)  # the value is the exact draw, bit for bit
+    for ours, ref in zip(out[0], out[1]):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_implicit_rsample_can_be_traced_by_torch_jit(d):
+    torch.manual_seed(14)
+    base = _params((), k=3, d=d)
+    z = DiagNormalMixture(*base).sample((8,))
+
+    def grads(fn, params):
+        zz = fn(z, *params)
+        return (zz, *torch.autograd.grad(zz.pow(2).sum(), params))
+
+    params = [t.clone().requires_grad_() for t in base]
+    traced = torch.jit.trace(implicit_mixture_rsample, (z, *params), check_trace=False)
+    fresh = [t.clone().requires_grad_() for t in base]
+    for a, b in zip(grads(traced, fresh), grads(implicit_mixture_rsample, params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ marginal quantiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_marginal_quantiles_invert_each_coordinate_cdf(dtype):
+    logits, locs, scales = _params((2,), k=4, d=3, dtype=dtype)
+    levels = torch.tensor([0.0, 0.01, 0.3, 0.5, 0.9, 1.0])
+    q = mixture_module.mixture_marginal_quantiles(levels, logits, locs, scales)
+    assert q.shape == (6, 2, 3) and q.dtype == dtype
+    assert bool((q[0] == -math.inf).all()) and bool((q[-1] == math.inf).all())
+    w = torch.softmax(logits.double(), -1).unsqueeze(-1)
+    x = q[1:-1].double().unsqueeze(-2)
+    cdf = (w * torch.special.ndtr((x - locs.double()) / scales.double())).sum(-2)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(
+        cdf, levels[1:-1].double().reshape(-1, 1, 1).expand_as(cdf), rtol=0, atol=tol
+    )

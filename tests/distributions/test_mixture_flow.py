@@ -1,5 +1,7 @@
 """MixtureFlow: the one mixture-flow distribution (base mixture, transforms, stratified draw)."""
 
+import warnings
+
 import pyro.distributions as dist
 import pytest
 import torch
@@ -94,8 +96,17 @@ def test_rejects_bad_transforms_and_estimators():
         MixtureFlow(logits, locs, scales, estimator="reinforce")
 
 
-def test_stratified_sampling_outside_the_elbo_warns():
+def test_stratified_sampling_outside_the_elbo_is_the_implicit_draw_without_warning():
+    """Outside StratifiedELBO a stratified mixture flow draws exactly as the implicit one."""
     logits, locs, scales = _params(torch.float64)
-    q = MixtureFlow(logits.requires_grad_(), locs, scales, estimator="stratified")
-    with pytest.warns(UserWarning, match="outside StratifiedELBO"):
-        q.rsample()
+    draws = {}
+    for estimator in ("stratified", "implicit"):
+        params = [t.clone().requires_grad_() for t in (logits, locs, scales)]
+        q = MixtureFlow(*params, estimator=estimator)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            z = q.rsample((5,))
+        draws[estimator] = (z, *torch.autograd.grad(z.pow(2).sum(), params))
+    for a, b in zip(draws["stratified"], draws["implicit"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

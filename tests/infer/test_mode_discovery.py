@@ -27,7 +27,8 @@ def test_defaults_are_the_mode_discovery_defaults():
     assert params["num_components"].default == 64
     assert params["estimator"].default == "stratified"
     assert params["flow"].default is None
-    assert params["init_spread"].default == "prior"
+    assert params["init_spread"].default == "auto"  # the prior spread unless told otherwise
+    assert params["init_loc_fn"].default is None and params["init_scale"].default is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,7 +62,9 @@ def test_a_prior_that_cannot_be_sampled_falls_back_with_a_warning_naming_the_sit
 
     with pytest.warns(UserWarning, match=r"\['flat'\] cannot be sampled"):
         init = init_to_value(values={"flat": torch.zeros(2)})  # Pyro's others sample too
-        guide = AutoMixtureFlow(model, num_components=50, init_loc_fn=init).setup()
+        guide = AutoMixtureFlow(
+            model, num_components=50, init_loc_fn=init, init_spread="prior"
+        ).setup()
     locs = guide.locs.detach()
     assert bool(torch.isfinite(locs).all())
     assert abs(float(locs[:, 2].mean()) - 5.0) < 4 * 0.1 / math.sqrt(50)  # sampled site
@@ -73,7 +76,7 @@ def test_prior_init_with_one_component_is_the_initial_location():
 
 
 def test_init_spread_rejects_an_unknown_string():
-    with pytest.raises(ValueError, match="init_spread must be 'prior' or a float >= 0, got 'wide'"):
+    with pytest.raises(ValueError, match="init_spread must be 'auto', 'prior' or a finite float"):
         AutoMixtureFlow(shifted_model, init_spread="wide")
 
 
