@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import time
-import warnings
 
 import numpy as np
 import pyro
@@ -437,7 +436,6 @@ def main(argv=None) -> dict:
     if args.quick:
         args.budget, args.seeds, args.samples = 1.0, [0], 50
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message=".*outside StratifiedELBO.*")
     x_tr, y_tr, x_te, y_te = load_digits_counts(seed=0)
     specs = default_specs(args.components, args.flows)
     if args.only:

@@ -86,7 +86,7 @@ class AmortizedMixtureFlow(EstimatorState, nn.Module):
     ``"relaxed-nested"`` (Gumbel-softmax, biased) and ``"pathwise"`` (Pyro's
     ``MixtureOfDiagNormals`` sampler). Every estimator works with every Pyro ELBO except
     ``"stratified"``, which is meant for StratifiedELBO (elsewhere it samples as ``"implicit"``
-    does and warns).
+    does).
 
     The module's parameters and buffers set the device and dtype: ``encoder.to(torch.float64)``
     or ``encoder.cuda()``, and pass contexts of the same dtype and device.

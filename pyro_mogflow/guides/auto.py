@@ -6,15 +6,11 @@ import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import Transform, biject_to
-from torch.distributions.transforms import IndependentTransform
+from torch.distributions import Transform
 
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
@@ -28,6 +24,7 @@ from .initialization import (
     resolve_init_spread,
     spread_locs,
 )
+from .model_checks import ModelChecks
 from .naming import UniqueName
 from .state import EstimatorState
 from .summaries import SampleSummaries
@@ -35,7 +32,7 @@ from .summaries import SampleSummaries
 __all__ = ["AutoMixtureFlow", "ESTIMATORS"]
 
 
-class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuous):
+class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, AutoContinuous):
     r"""A normalizing flow on a learnable mixture of diagonal Gaussians, as a Pyro autoguide.
 
     The guide packs every latent site into one unconstrained vector :math:`z \in \mathbb{R}^D`
@@ -301,28 +298,6 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
         self.flow = None if flow is None else flow.to(device=loc.device, dtype=loc.dtype)
         self._forward_only = self.flow is not None and is_forward_only(self.flow)
 
-    def _check_sites(self):
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            support = site["fn"].support
-            if support.is_discrete:
-                raise ValueError(
-                    f"AutoMixtureFlow cannot guide the discrete latent site '{name}' "
-                    f"(support {support}). Enumerate it out with config_enumerate and "
-                    "TraceEnum_ELBO (see https://pyro.ai/examples/enumeration.html), or block "
-                    "it with poutine.block and guide it separately."
-                )
-            for frame in site["cond_indep_stack"]:
-                full = frame.full_size
-                if full is not None and frame.size != full:
-                    raise ValueError(
-                        f"latent site '{name}' lies in plate '{frame.name}' subsampled to "
-                        f"{frame.size} of {full}. AutoMixtureFlow, like every AutoContinuous "
-                        "guide, needs a fixed latent size and would silently mis-size it: use "
-                        "pyro_mogflow.AmortizedMixtureFlow (or AutoNormal) for the local sites in "
-                        "a guide of your own, and AutoMixtureFlow for the global ones via "
-                        "poutine.block and AutoGuideList."
-                    )
-
     # ----------------------------------------------------------- distributions
     def get_base_dist(self):
         """The mixture base distribution for the chosen estimator (event shape ``(D,)``)."""
@@ -407,124 +382,6 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
             )
         return {"weights": weights, "latent": latent, "values": values, "groups": groups}
 
-    # ----------------------------------------------------------- model checks
-    def check_model(self, model: Callable | None = None, *args, **kwargs) -> None:
-        """Raise if ``model`` (default: the guide's own) does not have the guide's latent sites.
-
-        Runs the model once (under the guide's init strategy, without gradients) and compares
-        its latent sites and their shapes with those the guide was set up with, so a guide set
-        up for another model, or a model whose latent size changed since, is refused instead of
-        trained or sampled silently. :func:`~pyro_mogflow.fit` and :meth:`sample_posterior`
-        (when given the model's arguments) call it.
-
-        :param model: the Pyro model to check (``None``: the guide's own).
-        :param args: the model's positional arguments; :param kwargs: its keyword arguments.
-        :raises ValueError: naming the first site that is missing, extra or of another shape.
-        """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        if model is None:
-            if self._model is None:
-                raise ValueError("this guide has no model attached (it was loaded); pass one")
-            model = self.model
-        with torch.no_grad(), poutine.block():
-            initialized = InitMessenger(self._init_strategy)(model)
-            trace = poutine.trace(initialized).get_trace(*args, **kwargs)
-        ours = {n: s["value"].shape for n, s in self.prototype_trace.iter_stochastic_nodes()}
-        theirs = {
-            name: site["value"].shape
-            for name, site in trace.iter_stochastic_nodes()
-            if not site_is_subsample(site)
-        }
-        for name in ours.keys() - theirs.keys():
-            raise ValueError(
-                f"this AutoMixtureFlow was set up for a model with latent site '{name}', which "
-                f"the model given does not have (its latent sites: {sorted(theirs)}). Build "
-                "the guide for this model: AutoMixtureFlow(model)."
-            )
-        for name in theirs.keys() - ours.keys():
-            raise ValueError(
-                f"the model has latent site '{name}', which this AutoMixtureFlow was not set "
-                f"up with (its sites: {sorted(ours)}): it was built for another model. Build "
-                "the guide for this model: AutoMixtureFlow(model)."
-            )
-        for name, shape in ours.items():
-            if theirs[name] != shape:
-                raise ValueError(
-                    f"latent site '{name}' has shape {tuple(theirs[name])} in the model but "
-                    f"{tuple(shape)} in this AutoMixtureFlow, which was set up before its size "
-                    "changed; its samples would have the old shape. Build a new guide for the "
-                    "model as it is now."
-                )
-
-    @torch.no_grad()
-    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict:
-        """Draw ``num_samples`` joint samples of every latent site from the guide.
-
-        Given the model's arguments, first checks (:meth:`check_model`) that the model's latent
-        sites still have the shapes the guide was set up with.
-
-        :param int num_samples: ``N``.
-        :param args: the model's arguments.
-        :return: dict site name -> constrained samples of shape ``(N, *site_shape)``.
-        """
-        if self.prototype_trace is not None and (args or kwargs) and self._model is not None:
-            self.check_model(None, *args, **kwargs)
-        return super().sample_posterior(num_samples, *args, **kwargs)
-
-    # ------------------------------------------------------- exact summaries
-    @torch.no_grad()
-    def quantiles(self, quantiles, *args, **kwargs) -> dict:
-        """Posterior quantiles of each latent site, element-wise.
-
-        For the bare mixture (``flow=None``) each unconstrained coordinate's marginal is a
-        one-dimensional Gaussian mixture, whose quantiles are computed exactly (by bisection,
-        see :meth:`~pyro_mogflow.distributions.MixtureFlow.marginal_quantiles`) and mapped
-        through the site's element-wise constraint transform. Sites whose transform mixes
-        coordinates (simplex, correlation matrices...) and guides with a flow fall back to
-        :attr:`num_quantile_samples` samples and empirical quantiles.
-
-        :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
-        :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
-        """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        if self.flow is not None:
-            return super().quantiles(quantiles, *args, **kwargs)
-        levels = _check_levels(quantiles)
-        n = len(levels)
-        posterior = self.get_posterior(*args, **kwargs)
-        # levels and 1 - levels: a decreasing transform maps the latter to the former
-        latent = posterior.marginal_quantiles(torch.cat([levels, 1 - levels]))
-        out, pos, sampled = {}, 0, None
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = shape.numel()
-            transform = biject_to(site["fn"].support)
-            while isinstance(transform, IndependentTransform):
-                transform = transform.base_transform
-            if transform.domain.event_dim or transform.codomain.event_dim:
-                if sampled is None:
-                    sampled = super().quantiles(quantiles, *args, **kwargs)
-                out[name] = sampled[name]
-            else:
-                u = latent[:, pos : pos + size].reshape((2 * n,) + shape)
-                zero = torch.zeros(shape, dtype=u.dtype, device=u.device)
-                increasing = transform(zero + 1) > transform(zero)
-                out[name] = torch.where(increasing, transform(u[:n]), transform(u[n:]))
-            pos += size
-        return out
-
-    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of the unconstrained latent (exact without a flow)."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        if self.flow is not None:
-            return super()._loc_scale(*args, **kwargs)
-        with torch.no_grad():
-            posterior = self.get_posterior(*args, **kwargs)
-            return posterior.mean, posterior.variance.sqrt()
-
     # ---------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.prototype_trace is None and any(k.startswith(prefix) for k in state_dict):
@@ -534,15 +391,3 @@ class AutoMixtureFlow(EstimatorState, UniqueName, SampleSummaries, AutoContinuou
                 "load_state_dict."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _check_levels(quantiles) -> torch.Tensor:
-    try:
-        q = torch.as_tensor(quantiles, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(
-            f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
-        ) from e
-    if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
-        raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
-    return q

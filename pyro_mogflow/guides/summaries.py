@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributions import biject_to
+from torch.distributions.transforms import IndependentTransform
 
 from .._validation import check_int
 
@@ -62,10 +63,12 @@ def group_components(locs, scales, weights, tolerance: float = GROUP_TOLERANCE) 
 
 
 class SampleSummaries:
-    """Mixin for an ``AutoContinuous`` guide whose posterior has no closed-form quantiles.
+    """Mixin for an ``AutoContinuous`` mixture-flow guide: samples, quantiles, median, moments.
 
-    The class using it provides ``get_posterior``, ``prototype_trace``, ``_setup_prototype``,
-    ``_unconstrained_shapes`` and ``num_quantile_samples``.
+    Without a flow the quantiles and moments are exact (each coordinate's marginal is a 1-D
+    Gaussian mixture); with one they are estimated from :attr:`num_quantile_samples` samples.
+    The class using it provides ``flow``, ``get_posterior``, ``prototype_trace``,
+    ``_setup_prototype``, ``_unconstrained_shapes`` and ``num_quantile_samples``.
     """
 
     num_quantile_samples: int
@@ -103,33 +106,70 @@ class SampleSummaries:
         latent = self._sample_unconstrained(num_samples, *args, **kwargs)
         return self._constrain(latent)
 
-    @torch.no_grad()
-    def quantiles(self, quantiles, *args, **kwargs) -> dict:
-        """Posterior quantiles of each latent site, estimated from guide samples.
-
-        A mixture has no closed-form quantiles, so this draws :attr:`num_quantile_samples`
-        samples, maps them to the constrained space and takes element-wise empirical quantiles.
-
-        :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
-        :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
-        """
-        try:
-            q = torch.as_tensor(quantiles, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(
-                f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
-            ) from e
-        if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
-            raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
+    def _sampled_quantiles(self, levels: torch.Tensor, *args, **kwargs) -> dict:
+        """Element-wise empirical quantiles of :attr:`num_quantile_samples` guide samples."""
         latent = self._sample_unconstrained(self.num_quantile_samples, *args, **kwargs)
         values = self._constrain(latent)
         out = {}
         for name, v in values.items():
-            qq = q.to(dtype=v.dtype, device=v.device)
+            qq = levels.to(dtype=v.dtype, device=v.device)
             out[name] = torch.quantile(v.reshape(v.shape[0], -1), qq, dim=0).reshape(
                 (len(qq),) + v.shape[1:]
             )
         return out
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Posterior quantiles of each latent site, element-wise.
+
+        For the bare mixture (``flow=None``) each unconstrained coordinate's marginal is a
+        one-dimensional Gaussian mixture, whose quantiles are computed exactly (by bisection,
+        see :meth:`~pyro_mogflow.distributions.MixtureFlow.marginal_quantiles`) and mapped
+        through the site's element-wise constraint transform. Sites whose transform mixes
+        coordinates (simplex, correlation matrices...) and guides with a flow fall back to
+        :attr:`num_quantile_samples` samples and empirical quantiles.
+
+        :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
+        :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
+        """
+        levels = _check_levels(quantiles)
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            return self._sampled_quantiles(levels, *args, **kwargs)
+        n = len(levels)
+        posterior = self.get_posterior(*args, **kwargs)
+        # levels and 1 - levels: a decreasing transform maps the latter to the former
+        latent = posterior.marginal_quantiles(torch.cat([levels, 1 - levels]))
+        out, pos, sampled = {}, 0, None
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = shape.numel()
+            transform = biject_to(site["fn"].support)
+            while isinstance(transform, IndependentTransform):
+                transform = transform.base_transform
+            if transform.domain.event_dim or transform.codomain.event_dim:
+                if sampled is None:
+                    sampled = self._sampled_quantiles(levels, *args, **kwargs)
+                out[name] = sampled[name]
+            else:
+                u = latent[:, pos : pos + size].reshape((2 * n,) + shape)
+                zero = torch.zeros(shape, dtype=u.dtype, device=u.device)
+                increasing = transform(zero + 1) > transform(zero)
+                out[name] = torch.where(increasing, transform(u[:n]), transform(u[n:]))
+            pos += size
+        return out
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the unconstrained latent (exact without a flow)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.flow is not None:
+            latent = self._sample_unconstrained(self.num_quantile_samples, *args, **kwargs)
+            return latent.mean(0), latent.std(0)
+        with torch.no_grad():
+            posterior = self.get_posterior(*args, **kwargs)
+            return posterior.mean, posterior.variance.sqrt()
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict:
@@ -139,6 +179,14 @@ class SampleSummaries:
         """
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
-    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        latent = self._sample_unconstrained(self.num_quantile_samples, *args, **kwargs)
-        return latent.mean(0), latent.std(0)
+
+def _check_levels(quantiles) -> torch.Tensor:
+    try:
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"quantiles must be a list or 1-D tensor of levels in [0, 1], got {quantiles!r}"
+        ) from e
+    if q.dim() != 1 or not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}")
+    return q

@@ -316,6 +316,7 @@ def fit(
     global_mixture = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
     if isinstance(guide, AutoMixtureFlow):
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
+        guide.check_model(model, *args, **kwargs)  # a guide set up for another model
     if optim is None:
         optim = pyro.optim.Adam(_learning_rates(guide, lr, flow_lr))
     # Gradients left on the parameters by an interrupted step (Ctrl-C between backward and the

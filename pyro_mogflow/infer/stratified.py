@@ -113,7 +113,7 @@ class StratifiedELBO(ELBO):
     (alone or inside an ``AutoGuideList``), or a site a guide of your own samples from an
     :class:`~pyro_mogflow.AmortizedMixtureFlow`. The ELBO never looks at the guide's class.
     Outside this ELBO such a distribution samples the exact mixture (e.g. in ``Predictive``);
-    under another ELBO it is the unbiased ``"implicit"`` estimator and warns.
+    under another ELBO it is the unbiased ``"implicit"`` estimator.
 
     Local latents: the guide may instead be a function that samples one site from an
     :class:`~pyro_mogflow.AmortizedMixtureFlow` built with ``estimator="stratified"``, inside

@@ -336,3 +336,16 @@ def test_fit_trains_an_amortized_stratified_site_with_stratified_elbo():
         warnings.filterwarnings("error", message=".*outside StratifiedELBO.*")
         _, losses = fit(model, x, guide=guide, num_steps=5, beta=None, progress=False)
     assert losses.shape == (5,) and all(math.isfinite(v) for v in losses)
+
+
+def test_fit_refuses_a_guide_set_up_for_another_model():
+    def one(data):
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    def other(data):
+        pyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+
+    guide = AutoMixtureFlow(one, num_components=2)
+    guide.setup(None)
+    with pytest.raises(ValueError, match="latent site 'a'"):
+        fit(other, None, guide=guide, num_steps=2, progress=False)
