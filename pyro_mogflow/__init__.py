@@ -24,6 +24,7 @@ from .infer import (
     cosine_schedule,
     exponential_schedule,
     fit,
+    fit_max_entropy,
     linear_schedule,
     tempered,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "exponential_schedule",
     "fit",
     "fit_independent",
+    "fit_max_entropy",
     "linear_schedule",
     "mixture_log_prob",
     "register_flow",
