@@ -489,8 +489,7 @@ def fit_max_entropy(
         )
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
-            f"statistic returned non-finite values on a probe draw from the support: "
-            f"{out.tolist()}"
+            f"statistic returned non-finite values on a probe draw from the support: {out.tolist()}"
         )
 
     flow_module = _build_flow(flow, free_dim, num_flows, hidden_dims, flow_kwargs)
@@ -508,6 +507,9 @@ def fit_max_entropy(
     def residual(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return ((w.unsqueeze(-1) * statistic(x)).sum(0) - target) / scale
 
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _draw(module, estimator, num_samples, transform, temperature, num_nested)
+
     bar = tqdm(
         total=num_outer * num_inner,
         desc="max-entropy",
@@ -521,8 +523,8 @@ def fit_max_entropy(
             average = [torch.zeros_like(p) for p in params]
             averaged = 0
             for step in range(num_inner):
-                xa, lpa, wa = _draw(module, estimator, num_samples, transform, temperature, num_nested)
-                xb, lpb, wb = _draw(module, estimator, num_samples, transform, temperature, num_nested)
+                xa, lpa, wa = draw()
+                xb, lpb, wb = draw()  # independent of batch a
                 ra, rb = residual(xa, wa), residual(xb, wb)
                 neg_entropy = 0.5 * ((wa * lpa).sum() + (wb * lpb).sum())
                 loss = neg_entropy + multipliers @ (0.5 * (ra + rb)) + 0.5 * c * (ra @ rb)
