@@ -266,6 +266,7 @@ def _draw(
     support: Transform,
     temperature: float,
     num_nested: int,
+    qmc: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reparameterized draws on the support with their exact log-densities and weights.
 
@@ -274,7 +275,14 @@ def _draw(
     """
     q = module.mixture_flow(estimator, temperature, num_nested)
     k = q.num_components
-    if estimator == "stratified":
+    if estimator == "stratified" and qmc:
+        per = max(1, n // k)
+        eps = _sobol_normal(per, q.locs.shape[-1], q.locs.dtype, q.locs.device)
+        u = (q.locs.unsqueeze(1) + q.scales.unsqueeze(1) * eps).reshape(k * per, -1)
+        z, log_det = q.push(u)
+        log_q = mixture_log_prob(u, q.logits, q.locs, q.scales) - log_det
+        w = (torch.softmax(q.logits, -1) / per).repeat_interleave(per)
+    elif estimator == "stratified":
         per = max(1, n // k)
         draw = q.expand((k * per,)).stratified_rsample(per, -1)
         z, log_q = draw.value, draw.log_q
@@ -287,6 +295,13 @@ def _draw(
     x = support(z)
     log_p = log_q - support.log_abs_det_jacobian(z, x)
     return x, log_p, w
+
+
+def _sobol_normal(n: int, d: int, dtype, device) -> torch.Tensor:
+    """``n`` standard normal points in ``R^d`` from a freshly scrambled Sobol' sequence."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    s = torch.quasirandom.SobolEngine(d, scramble=True, seed=seed).draw(n, dtype=dtype)
+    return torch.special.ndtri(s.clamp(1e-12, 1 - 1e-12)).to(device)
 
 
 @torch.no_grad()
@@ -363,6 +378,7 @@ def fit_max_entropy(
     penalty_max: float = 1e3,
     violation_decrease: float = 0.25,
     average_fraction: float = 0.5,
+    qmc: bool = True,
     init_spread: float = 1.0,
     temperature: float = 0.5,
     num_nested: int = 32,
@@ -467,6 +483,7 @@ def fit_max_entropy(
     num_eval = check_int("num_eval", num_eval, 2)
     seed = check_int("seed", seed, allow_none=True)
     check_bool("progress", progress)
+    check_bool("qmc", qmc)
 
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -508,7 +525,7 @@ def fit_max_entropy(
         return ((w.unsqueeze(-1) * statistic(x)).sum(0) - target) / scale
 
     def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _draw(module, estimator, num_samples, transform, temperature, num_nested)
+        return _draw(module, estimator, num_samples, transform, temperature, num_nested, qmc)
 
     bar = tqdm(
         total=num_outer * num_inner,
