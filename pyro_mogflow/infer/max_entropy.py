@@ -59,6 +59,14 @@ exact:
 
 .. math:: \mathbb{E}_q[f(x)] = \sum_{k=1}^K \pi_k\, \mathbb{E}_{u \sim q_k}[f(g(f_\theta(u)))].
 
+By default (``qmc=True``) the Gaussian draws of each component in a stratified batch are
+randomized quasi-Monte Carlo points (a freshly scrambled Sobol' sequence through the normal
+quantile; Owen 1997): every batch is still an unbiased estimate, the two batches are still
+independent, and for the smooth, low-dimensional integrands of moment constraints the variance is
+far lower than with i.i.d. draws, which is what lets the constraints be met to :math:`10^{-2}` and
+the entropy to :math:`10^{-2}` nats with a few hundred draws per step. ``qmc=False`` uses the
+core's i.i.d. :meth:`~pyro_mogflow.MixtureFlow.stratified_rsample`.
+
 The returned distribution is always the exact mixture flow (the relaxed estimators are a
 training device; their relaxed draws are not the mixture's law), and the reported entropy,
 moments and violation are estimated from its exact draws.
@@ -83,6 +91,8 @@ References:
 * E. T. Jaynes, *Information Theory and Statistical Mechanics*, Phys. Rev. 106, 1957.
 * W. Morningstar et al., *Automatic Differentiation Variational Inference with Mixtures*,
   AISTATS 2021 (stratified draws).
+* A. B. Owen, *Scrambled net variance for integrals of smooth functions*, Annals of Statistics
+  25, 1997 (randomized QMC).
 """
 
 from __future__ import annotations
@@ -432,6 +442,8 @@ def fit_max_entropy(
     :param float average_fraction: each iteration ends at the average of its last
         ``average_fraction * num_inner`` iterates (Polyak-Ruppert averaging; default 0.5; 0
         keeps the last iterate).
+    :param bool qmc: with ``estimator="stratified"``, draw each component's Gaussian noise by
+        randomized QMC (scrambled Sobol'; default True) instead of i.i.d.
     :param float init_spread: standard deviation of the initial component means (default 1).
     :param float temperature: Gumbel-softmax temperature (relaxed estimators only).
     :param int num_nested: inner draws of the ``"relaxed-nested"`` density.
