@@ -59,6 +59,7 @@ def _moments2(x):
         (dict(penalty_growth=0.5), ValueError, "penalty_growth"),
         (dict(average_fraction=2.0), ValueError, "average_fraction"),
         (dict(progress="yes"), TypeError, "progress must be a bool"),
+        (dict(qmc=1), TypeError, "qmc must be a bool"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument_before_any_work(kwargs, error, words):
@@ -130,6 +131,14 @@ def test_every_estimator_trains_and_returns_the_exact_mixture_flow(estimator):
     )  # fmt: skip
     assert isinstance(res.distribution, MixtureFlow)
     assert res.distribution.estimator == "implicit"
+    assert math.isfinite(res.entropy) and len(res.losses) == 3
+
+
+def test_iid_stratified_draws_train_too():
+    """qmc=False takes the core's i.i.d. stratified draw (MixtureFlow.stratified_rsample)."""
+    res = fit_max_entropy(
+        _moments2, torch.tensor([0.0, 1.0]), 1, qmc=False, seed=0, progress=False, **TINY
+    )
     assert math.isfinite(res.entropy) and len(res.losses) == 3
 
 
