@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     results = {
         "meta": {
-            "command": "python -m benchmarks.maxent" + (" --quick" if args.quick else ""),
+            "command": " ".join(["python -m benchmarks.maxent", *(argv or sys.argv[1:])]),
             "machine": " ".join(
                 x
                 for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} cores")

@@ -52,7 +52,7 @@ FAST = os.environ.get("PYRO_MOGFLOW_FAST", "") == "1"
 BUDGET = (
     dict(num_outer=2, num_inner=10, num_samples=64, num_eval=4096)
     if FAST
-    else dict(num_outer=8, num_inner=100, num_samples=512)
+    else dict(num_outer=6, num_inner=100, num_samples=512)
 )
 torch.set_num_threads(1)
 
