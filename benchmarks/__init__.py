@@ -6,4 +6,6 @@
   mixture-flow encoders (every estimator) at equal CPU time; held-out IWAE, ELBO, NMI.
 * ``python -m benchmarks.multimodal``: does a guide find every mode with the right mass?
   Pyro's guides, the design note's method and AutoMixtureFlow on six targets with ground truth.
+* ``python -m benchmarks.maxent``: maximum-entropy flows against closed forms (Dirichlet,
+  Gaussian, exponential, bimodal); a mixture base against a normal base, every estimator.
 """

@@ -30,6 +30,7 @@ from .infer import (
     cosine_schedule,
     exponential_schedule,
     fit,
+    fit_max_entropy,
     linear_schedule,
     tempered,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "fit",
     "fit_density",
     "fit_independent",
+    "fit_max_entropy",
     "linear_schedule",
     "mixture_log_prob",
     "register_flow",

@@ -4,8 +4,10 @@
 * :class:`TemperedModel`, :class:`Schedule` -- tempering of the target and annealing schedules.
 * :func:`balance_weights` and natural-gradient steps for the mixture weights.
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
+* :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 """
 
+from .max_entropy import MaxEntropyResult, fit_max_entropy
 from .mixture_weights import balance_weights
 from .recipe import FitResult, default_beta_schedule, fit
 from .stratified import StratifiedELBO, StratifiedParticles
@@ -20,6 +22,7 @@ from .tempering import (
 
 __all__ = [
     "FitResult",
+    "MaxEntropyResult",
     "Schedule",
     "StratifiedELBO",
     "StratifiedParticles",
@@ -29,6 +32,7 @@ __all__ = [
     "default_beta_schedule",
     "exponential_schedule",
     "fit",
+    "fit_max_entropy",
     "linear_schedule",
     "tempered",
 ]

@@ -1,0 +1,156 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Maximum-entropy flows: a bimodal solution from two moments
+#
+# Among all densities on $\mathbb{R}$ with given $\mathbb{E}[z^2] = b_2$ and
+# $\mathbb{E}[z^4] = b_4$, which has the greatest entropy $H(q) = -\mathbb{E}_q[\log q]$? By
+# Lagrange duality the answer is the exponential family
+#
+# $$p^\star(z) \propto \exp(\lambda_2 z^2 + \lambda_4 z^4),$$
+#
+# with the $\lambda$ that match the moments. With $\lambda_2 > 0 > \lambda_4$ it is **bimodal**.
+# A maximum-entropy flow network (MEFN, Loaiza-Ganem, Gao and Cunningham, ICLR 2017) finds it
+# without knowing that form: it trains a normalizing flow $q_\theta$ to maximise its entropy
+# under the constraints (augmented Lagrangian), which needs reparameterized samples *and* the
+# exact $\log q_\theta$ of those samples. `pyro_mogflow.fit_max_entropy` does this with a
+# mixture flow: a flow on a learnable mixture of Gaussians, whose components can each take one
+# mode.
+#
+# This tutorial fits the bimodal solution with a mixture base and with a normal base (the same
+# flow, the same budget) and compares both with the exact answer. Set `PYRO_MOGFLOW_FAST=1` for
+# a few steps only (the tests do); the numbers in the text come from a full run, and the
+# benchmark behind them is `python -m benchmarks.maxent` (its table is in the README).
+
+# %%
+import os
+import sys
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # scripts and tests: no display needed
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from pyro_mogflow import fit_max_entropy
+
+FAST = os.environ.get("PYRO_MOGFLOW_FAST", "") == "1"
+BUDGET = (
+    dict(num_outer=2, num_inner=10, num_samples=64, num_eval=4096)
+    if FAST
+    else dict(num_outer=6, num_inner=100, num_samples=512)
+)
+torch.set_num_threads(1)
+
+# %% [markdown]
+# ## The exact answer, by quadrature
+#
+# Pick $\lambda_2 = 2$, $\lambda_4 = -1/4$: modes at $z = \pm 2$ with a barrier of 4 nats between
+# them. Simpson's rule on a fine grid gives $\log Z$, the moments $b = (\mathbb{E} z^2,
+# \mathbb{E} z^4)$ the flow will be asked to match, and the exact entropy.
+
+# %%
+lam2, lam4 = 2.0, -0.25
+z = np.linspace(-12, 12, 40001)
+w = np.full_like(z, 2.0)
+w[1::2], w[0], w[-1] = 4.0, 1.0, 1.0
+w *= (z[1] - z[0]) / 3  # Simpson weights
+f = lam2 * z**2 + lam4 * z**4
+log_z = np.log((w * np.exp(f - f.max())).sum()) + f.max()
+p_star = np.exp(f - log_z)
+b = torch.tensor([(w * p_star * z**2).sum(), (w * p_star * z**4).sum()], dtype=torch.float64)
+exact_entropy = float(log_z - lam2 * b[0] - lam4 * b[1])
+print(f"b = {b.numpy().round(4)}, exact entropy {exact_entropy:.4f} nats")
+
+# %% [markdown]
+# ## Fit it
+#
+# The statistic maps points of shape `(N, 1)` to `(N, 2)`. The default estimator is
+# `"stratified"`: each step draws from every component and weights the draws by the mixture
+# weights, so the expectation over the discrete choice is exact. The normal base is the same
+# call with `num_components=1`.
+
+
+# %%
+def statistic(x):
+    return torch.cat([x**2, x**4], -1)
+
+
+fits = {}
+for name, k in [("mixture base (K=8)", 8), ("normal base (K=1)", 1)]:
+    fits[name] = fit_max_entropy(
+        statistic, b, dim=1, num_components=k, seed=0, progress=not FAST, **BUDGET
+    )
+
+
+def kl_to_exact(res):
+    """KL(q || p*) = -H(q) - lambda . E_q[T] + log Z (exact identity for an exponential family)."""
+    return -res.entropy - float(torch.tensor([lam2, lam4], dtype=torch.float64) @ res.moments) + log_z
+
+
+for name, res in fits.items():
+    print(
+        f"{name}: entropy {res.entropy:.4f} ± {res.entropy_se:.4f} (exact {exact_entropy:.4f}), "
+        f"violation {res.violation:.1e}, KL to exact {kl_to_exact(res):.4f}"
+    )
+
+# %% [markdown]
+# ## Look at them
+#
+# Left: both fitted densities against the exact one. Right: how the entropy and the largest
+# relative constraint violation evolve over the augmented-Lagrangian iterations (the penalty
+# coefficient grows while the violation does not shrink fast enough).
+
+# %%
+grid = torch.linspace(-4.5, 4.5, 901, dtype=torch.float64).unsqueeze(-1)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+ax2 = axes[1].twinx()
+axes[0].plot(z, p_star, color="k", lw=2, label="exact $p^\\star$")
+for i, (name, res) in enumerate(fits.items()):
+    with torch.no_grad():
+        density = res.distribution.log_prob(grid).exp()
+    axes[0].plot(grid[:, 0], density, color=f"C{i}", ls="--", label=name)
+    steps = [h["step"] for h in res.history]
+    axes[1].plot(steps, [h["entropy"] for h in res.history], color=f"C{i}", label=f"{name}: H")
+    ax2.semilogy(steps, [h["violation"] for h in res.history], color=f"C{i}", ls=":")
+axes[0].set_xlim(-4.5, 4.5)
+axes[0].set_xlabel("z")
+axes[0].legend(fontsize=8)
+axes[1].axhline(exact_entropy, color="k", lw=1)
+axes[1].set_xlabel("Adam step")
+axes[1].set_ylabel("entropy (solid)")
+ax2.set_ylabel("violation (dotted)")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+fig.savefig("05_max_entropy.png", dpi=80)
+plt.show()
+
+# %% [markdown]
+# ## What to take away
+#
+# * In a full run (2026-11-29) both bases come close: KL to the exact solution 0.026 with the
+#   mixture base and 0.030 with the normal base, violations below 1e-2. Two spline layers on a
+#   normal base already make this bimodal density, so here the mixture base is not what matters;
+#   the README's table compares them in 2-D and across the estimators (where the design note's
+#   `relaxed-nested` does worst).
+# * The reported `entropy` and `violation` are estimated from fresh exact draws of the fitted
+#   distribution (randomized quasi-Monte Carlo, with standard errors), not from training batches.
+# * `res.distribution` is an ordinary distribution: `sample` and an exact `log_prob`.
+# * Other supports are mapped with `biject_to`: `support=constraints.positive`,
+#   `constraints.interval(a, b)` or `constraints.simplex` (where entropy is measured as
+#   `torch.distributions.Dirichlet.entropy` measures it). On the simplex with
+#   $T(x) = \log x$ the answer is a Dirichlet, MEFN's own test case; the README's table has it.
