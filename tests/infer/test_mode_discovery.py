@@ -9,8 +9,9 @@ import pytest
 import torch
 from pyro.infer.autoguide.initialization import init_to_value
 
-from pyro_mogflow import AutoMixtureFlow, fit
+from pyro_mogflow import AutoMixtureFlow
 from pyro_mogflow.examples import gaussian_mixture_target
+from tests.infer.helpers import fit_target
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -87,14 +88,7 @@ def test_defaults_find_four_modes_with_their_masses(seed):
     target = gaussian_mixture_target()
     pyro.set_rng_seed(seed)
     guide = AutoMixtureFlow(target.model, num_components=16)
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=500,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    fit_target(target, guide, num_steps=500)
     n = 20000
     masses = target.mode_masses(guide.sample_posterior(n, *target.args, **target.kwargs)["z"])
     ref = target.reference_masses

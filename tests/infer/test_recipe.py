@@ -12,6 +12,7 @@ from pyro_mogflow import AutoMixtureFlow, FitResult, balance_weights, fit
 from pyro_mogflow.distributions import mixture_log_prob
 from pyro_mogflow.examples import gaussian_mixture_target
 from pyro_mogflow.infer import default_beta_schedule, mixture_weights, recipe  # noqa: E402
+from tests.infer.helpers import fit_target
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -40,14 +41,7 @@ def small_guide(target, **kwargs):
 def test_fit_returns_the_guide_and_one_finite_loss_per_step():
     target = two_modes()
     guide = small_guide(target)
-    result = fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=7,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    result = fit_target(target, guide, num_steps=7)
     assert isinstance(result, FitResult)
     fitted, losses = result
     assert fitted is guide
@@ -58,14 +52,7 @@ def test_fit_returns_the_guide_and_one_finite_loss_per_step():
 def test_fit_keeps_the_dtype_of_the_model(dtype):
     target = two_modes(dtype)
     guide = small_guide(target)
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=3,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    fit_target(target, guide, num_steps=3)
     assert guide.locs.dtype == guide.scales.dtype == guide.logits.dtype == dtype
 
 
@@ -75,14 +62,7 @@ def test_fit_with_defaults_finds_both_modes_with_equal_mass():
     target = two_modes()
     pyro.set_rng_seed(1)
     guide = small_guide(target, num_components=8)
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=400,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    fit_target(target, guide, num_steps=400)
     n = 20000
     z = guide.sample_posterior(n, *target.args, **target.kwargs)["z"]
     right = float((z > 0).double().mean())
@@ -115,15 +95,7 @@ def test_flow_is_frozen_while_beta_is_below_one():
     )
     before = {k: v.detach().clone() for k, v in guide.flow.named_parameters()}
     locs = guide.locs.detach().clone()
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=5,
-        beta_fraction=1.0,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )  # beta < 1 on every step
+    fit_target(target, guide, num_steps=5, beta_fraction=1.0)  # beta < 1 on every step
     for k, v in guide.flow.named_parameters():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(guide.locs.detach(), locs)
@@ -135,15 +107,7 @@ def test_flow_trains_once_beta_is_one():
         *target.args, **target.kwargs
     )
     before = {k: v.detach().clone() for k, v in guide.flow.named_parameters()}
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=5,
-        beta=None,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    fit_target(target, guide, num_steps=5, beta=None)
     assert any(not torch.equal(v, before[k]) for k, v in guide.flow.named_parameters())
 
 
@@ -267,14 +231,7 @@ def test_a_diverging_loss_names_the_step():
 def test_fit_runs_on_cuda():
     target = gaussian_mixture_target([[-3.0], [3.0]], scales=0.5, device="cuda")
     guide = small_guide(target)
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=3,
-        progress=False,
-        model_kwargs=target.kwargs,
-    )
+    fit_target(target, guide, num_steps=3)
     assert guide.locs.device.type == "cuda"
     z = guide.sample_posterior(10, *target.args, **target.kwargs)["z"]
     assert bool(torch.isfinite(mixture_log_prob(z, *[a.cuda() for a in target.args])).all())
@@ -297,16 +254,8 @@ def test_component_gradients_are_divided_by_their_weights():
     (grad,) = torch.autograd.grad(loss, locs)
     expected = start - 0.1 * grad / log_pi.detach().exp().unsqueeze(-1)
     pyro.set_rng_seed(3)
-    fit(
-        target.model,
-        *target.args,
-        guide=guide,
-        num_steps=1,
-        beta=None,
-        balance=None,
-        optim=pyro.optim.SGD({"lr": 0.1}),
-        progress=False,
-        model_kwargs=target.kwargs,
+    fit_target(
+        target, guide, num_steps=1, beta=None, balance=None, optim=pyro.optim.SGD({"lr": 0.1})
     )
     assert torch.allclose(guide.locs.detach(), expected, rtol=1e-6, atol=1e-9)
     assert float((guide.locs.detach() - start).abs()[1].max()) > 1e-3  # it did move

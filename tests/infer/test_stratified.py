@@ -489,7 +489,7 @@ def test_a_model_that_does_not_vectorize_is_evaluated_draw_by_draw(importance_we
             losses.append(elbo.differentiable_loss(model, guide, _X, _Y))
         vectorize = [w for w in caught if "does not vectorize" in str(w.message)]
         assert len(vectorize) == (1 if model is _matmul_model else 0)
-    assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-6)
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
     assert losses[1].requires_grad
 
 
