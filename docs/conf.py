@@ -55,7 +55,7 @@ autodoc_default_options = {
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-autoclass_content = "both"
+autoclass_content = "class"  # the class docstrings hold the :param: lists
 
 # No network at build time: no intersphinx inventories. Names from other libraries cannot be
 # resolved, so they are ignored; every reference to a pyro_mogflow name must resolve.

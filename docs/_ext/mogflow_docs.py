@@ -87,9 +87,12 @@ def _convert_tutorials(app) -> None:
 
 
 def _first_sentence(obj) -> str:
-    doc = inspect.getdoc(obj) or ""
+    return _first_sentence_of(inspect.getdoc(obj) or "")
+
+
+def _first_sentence_of(doc: str) -> str:
     para = " ".join(doc.split("\n\n", 1)[0].split())
-    match = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", para)
+    match = re.search(r"(?<!e\.g)(?<!i\.e)(?<!eq)(?<!cf)\.(\s|$)", para)
     return para[: match.start() + 1] if match else para
 
 
@@ -109,7 +112,12 @@ class MogflowAll(SphinxDirective):
             if name.startswith("__"):
                 lines.append(f"* ``{name}`` = ``{obj!r}``")
                 continue
-            doc = _first_sentence(obj) if _has_own_doc(obj) else ""
+            if _has_own_doc(obj):
+                doc = _absolute_roles(_first_sentence(obj), getattr(obj, "__module__", None))
+            else:
+                comment = _defining_comment(modname, name, obj) or []
+                home = _defining_module(modname, name, obj)
+                doc = _absolute_roles(_first_sentence_of(" ".join(comment)), home)
             entry = f"* :py:obj:`~{modname}.{name}`"
             lines.append(f"{entry} -- {doc}" if doc else entry)
         node = nodes.container()
@@ -142,6 +150,32 @@ class MogflowData(SphinxDirective):
         node = nodes.container()
         self.state.nested_parse(StringList(lines, source=modname), self.content_offset, node)
         return node.children
+
+
+_ROLE = re.compile(r":(?P<role>[\w:]+):`(?P<tilde>~?)(?P<target>[\w.]+)`")
+
+
+def _absolute_roles(text: str, home: str | None) -> str:
+    """Make the roles of a docstring excerpt absolute, as seen from its own module ``home``.
+
+    The excerpt is shown on another page, where a relative name would not resolve.
+    """
+    if not home:
+        return text
+
+    def fix(match):
+        target = match["target"]
+        if target.startswith(("pyro_mogflow", ".")) or _import_path(f"{home}.{target}") is _MISSING:
+            return match[0]
+        return f":{match['role']}:`~{home}.{target}`"
+
+    return _ROLE.sub(fix, text)
+
+
+def _defining_module(package: str, attr: str, obj) -> str | None:
+    """The sub-module of ``package`` whose source documents ``attr`` with a ``#:`` comment."""
+    found = _defining_comment(package, attr, obj, with_module=True)
+    return found[0] if found else None
 
 
 def _has_own_doc(obj) -> bool:
@@ -222,7 +256,11 @@ def _resolve_reexport(app, env, node, contnode):
                 entry = objects.get(modname)
                 if entry is not None and entry.objtype == "module":
                     return make_refnode(
-                        app.builder, node["refdoc"], entry.docname, entry.node_id, contnode,
+                        app.builder,
+                        node["refdoc"],
+                        entry.docname,
+                        entry.node_id,
+                        contnode,
                         modname,
                     )
             return None
@@ -230,7 +268,11 @@ def _resolve_reexport(app, env, node, contnode):
         if key is not None and key in documented:
             docname_name, entry = documented[key]
             return make_refnode(
-                app.builder, node["refdoc"], entry.docname, entry.node_id, contnode,
+                app.builder,
+                node["refdoc"],
+                entry.docname,
+                entry.node_id,
+                contnode,
                 docname_name,
             )
     return None
@@ -274,14 +316,10 @@ def external_base_names() -> str:
     return ",".join(sorted(names))
 
 
-def _data_comment(app, what, name, obj, options, lines):
-    """A re-exported constant gets the ``#:`` comment written where it is defined."""
-    if what != "data" or not name.startswith("pyro_mogflow."):
-        return
+def _defining_comment(package: str, attr: str, obj, with_module: bool = False):
+    """The ``#:`` comment above ``attr`` in the sub-module of ``package`` that defines it."""
     from sphinx.pycode import ModuleAnalyzer
 
-    attr = name.rsplit(".", 1)[1]
-    package = name.rsplit(".", 1)[0]
     for modname, module in sorted(sys.modules.items()):
         if not modname.startswith(package + ".") or getattr(module, attr, _MISSING) is not obj:
             continue
@@ -291,9 +329,19 @@ def _data_comment(app, what, name, obj, options, lines):
             continue
         comment = docs.get(("", attr))
         if comment:
-            lines[:] = [line for line in comment]
-            return
-    if inspect.getdoc(type(obj)) and "\n".join(lines).strip() == inspect.getdoc(type(obj)).strip():
+            return (modname, list(comment)) if with_module else list(comment)
+    return None
+
+
+def _data_comment(app, what, name, obj, options, lines):
+    """A re-exported constant gets the ``#:`` comment written where it is defined."""
+    if what != "data" or not name.startswith("pyro_mogflow."):
+        return
+    package, attr = name.rsplit(".", 1)
+    comment = _defining_comment(package, attr, obj)
+    if comment:
+        lines[:] = comment
+    elif inspect.getdoc(type(obj)) and "\n".join(lines).strip() == inspect.getdoc(type(obj)):
         lines[:] = []  # the docstring of dict or tuple says nothing about this constant
 
 
@@ -301,8 +349,9 @@ def _drop_private_bases(app, name, obj, options, bases):
     """Show only public bases: our private mixins are documented through inherited members."""
     public = {id(o) for o in public_objects()}
     bases[:] = [
-        b for b in bases if not getattr(b, "__module__", "").startswith("pyro_mogflow")
-        or id(b) in public
+        b
+        for b in bases
+        if not getattr(b, "__module__", "").startswith("pyro_mogflow") or id(b) in public
     ]
 
 
