@@ -20,6 +20,8 @@ extras = {
         "matplotlib>=3.5",
         "scikit-learn>=1.1",
     ],
+    # the documentation site: bash scripts/build_docs.sh
+    "docs": ["sphinx>=7", "myst-parser>=2", "jupytext>=1.14"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

@@ -120,7 +120,7 @@ class VIDiagnostics:
     :ivar component_mass_psis: shape ``(R, K)``: the same masses after Pareto-smoothed
         importance reweighting (the posterior mass each component accounts for); else ``None``.
     :ivar component_groups: per run, the components grouped by the mode their draws sit on
-        (:func:`~pyro_mogflow.guides.summaries.group_components` on each component's draw mean
+        (``pyro_mogflow.guides.summaries.group_components`` on each component's draw mean
         and spread), heaviest first: dicts with ``"components"``, ``"mass"`` (under q) and
         ``"mass_psis"``; ``None`` without component labels. ``print`` shows these groups and
         the components that matter, not all ``K`` masses.

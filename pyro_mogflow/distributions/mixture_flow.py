@@ -149,7 +149,7 @@ class MixtureFlow(TorchDistribution):
 
     def marginal_quantiles(self, levels) -> torch.Tensor:
         """Exact quantiles of every coordinate's marginal, shape ``(L, *batch, D)``, for the
-        bare mixture (see :func:`~pyro_mogflow.distributions.mixture.mixture_marginal_quantiles`).
+        bare mixture (see ``pyro_mogflow.distributions.mixture.mixture_marginal_quantiles``).
 
         :param levels: ``L`` levels in ``[0, 1]``.
         :raises NotImplementedError: if there are transforms (a flow mixes the coordinates).

@@ -117,7 +117,7 @@ def gaussian_mixture_target(
     :param dtype: ``torch.float32`` or ``torch.float64``.
     :param device: device of the parameters.
     :return: a :class:`Target` on site ``"z"`` with ``K`` modes. Its
-        :attr:`~Target.reference_masses` are :math:`\pi_k` times the Gaussian mass of each ball
+        ``Target.reference_masses`` are :math:`\pi_k` times the Gaussian mass of each ball
         when every component is isotropic (a chi-square CDF), counting only the component's own
         mass (the others add at most their tail beyond the gap between means; an approximation
         when ``radius`` exceeds half that gap); otherwise ``None``. Its

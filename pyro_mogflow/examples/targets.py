@@ -113,10 +113,10 @@ def mode_masses(
 class Target:
     r"""A Pyro model with observed data and what is known about its multimodal posterior.
 
-    The posterior is measured on one latent site, :attr:`site`. Its modes sit at :attr:`modes`
+    The posterior is measured on one latent site, ``site``. Its modes sit at ``modes``
     and a guide is said to have *found* mode :math:`j` when it puts at least a fraction
     ``threshold`` of its samples nearer to :math:`m_j` than to any other mode and within
-    :math:`r` = :attr:`radius` of it (see :func:`mode_masses` and :meth:`modes_found`).
+    :math:`r` = ``radius`` of it (see :func:`mode_masses` and :meth:`modes_found`).
 
     :param str name: a short name.
     :param callable model: the Pyro model; call it as ``model(*args, **kwargs)``.
@@ -158,11 +158,11 @@ class Target:
         return self.modes.shape[0]
 
     def mode_masses(self, samples: torch.Tensor) -> torch.Tensor:
-        r"""Fraction of ``samples`` of :attr:`site` near each mode (see :func:`mode_masses`).
+        r"""Fraction of ``samples`` of ``site`` near each mode (see :func:`mode_masses`).
 
-        A draw counts toward its nearest mode when it lies within :attr:`radius` of it.
+        A draw counts toward its nearest mode when it lies within ``radius`` of it.
 
-        :param torch.Tensor samples: draws of :attr:`site`, shape ``(N, *site_shape)``.
+        :param torch.Tensor samples: draws of ``site``, shape ``(N, *site_shape)``.
         :return: shape ``(M,)``, each entry in ``[0, 1]``, in ``samples``' dtype.
         """
         return mode_masses(samples, self.modes, self.radius)
@@ -170,7 +170,7 @@ class Target:
     def sample_exact(
         self, num_samples: int, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Exact draws from the posterior, when the target knows how (:attr:`exact_sampler`).
+        """Exact draws from the posterior, when the target knows how (``exact_sampler``).
 
         :param int num_samples: ``N >= 1``.
         :param generator: a CPU :class:`torch.Generator`; default a fresh one seeded from torch's

@@ -56,6 +56,7 @@ class FlowSpec:
     description: str = ""
 
 
+#: Flow layers buildable by name: name -> :class:`FlowSpec` (add one with :func:`register_flow`).
 FLOWS: dict[str, FlowSpec] = {}
 _BUILTIN_FLOWS: frozenset = frozenset()  # set once the built-ins below are registered
 

@@ -349,8 +349,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
 
         Several components often share one mode (64 components on a two-mode posterior end up
         as two groups of near-copies); ``"groups"`` merges components whose means lie within
-        :data:`~pyro_mogflow.guides.summaries.GROUP_TOLERANCE` of their scales of each other
-        (see :func:`~pyro_mogflow.guides.summaries.group_components`), weights summed.
+        ``pyro_mogflow.guides.summaries.GROUP_TOLERANCE`` of their scales of each other
+        (see ``pyro_mogflow.guides.summaries.group_components``), weights summed.
 
         :return: a dict with ``"weights"`` (shape ``(K,)``, summing to one), ``"latent"``
             (shape ``(K, D)``, the component means mapped through the flow, unconstrained),

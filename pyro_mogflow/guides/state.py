@@ -30,6 +30,7 @@ class EstimatorState:
     estimator: str
     temperature: Temperature
     num_nested: int
+    #: Number of guide calls with gradients so far; drives the temperature schedule.
     step: int
 
     def _init_estimator(self, estimator: str, temperature: Temperature, num_nested: int) -> None:

@@ -66,7 +66,7 @@ class SampleSummaries:
     """Mixin for an ``AutoContinuous`` mixture-flow guide: samples, quantiles, median, moments.
 
     Without a flow the quantiles and moments are exact (each coordinate's marginal is a 1-D
-    Gaussian mixture); with one they are estimated from :attr:`num_quantile_samples` samples.
+    Gaussian mixture); with one they are estimated from ``num_quantile_samples`` samples.
     The class using it provides ``flow``, ``get_posterior``, ``prototype_trace``,
     ``_setup_prototype``, ``_unconstrained_shapes`` and ``num_quantile_samples``.
     """
@@ -107,7 +107,7 @@ class SampleSummaries:
         return self._constrain(latent)
 
     def _sampled_quantiles(self, levels: torch.Tensor, *args, **kwargs) -> dict:
-        """Element-wise empirical quantiles of :attr:`num_quantile_samples` guide samples."""
+        """Element-wise empirical quantiles of ``num_quantile_samples`` guide samples."""
         latent = self._sample_unconstrained(self.num_quantile_samples, *args, **kwargs)
         values = self._constrain(latent)
         out = {}
@@ -127,7 +127,7 @@ class SampleSummaries:
         see :meth:`~pyro_mogflow.distributions.MixtureFlow.marginal_quantiles`) and mapped
         through the site's element-wise constraint transform. Sites whose transform mixes
         coordinates (simplex, correlation matrices...) and guides with a flow fall back to
-        :attr:`num_quantile_samples` samples and empirical quantiles.
+        ``num_quantile_samples`` samples and empirical quantiles.
 
         :param quantiles: a list or 1-D tensor of levels in ``[0, 1]``.
         :return: dict site name -> tensor of shape ``(len(quantiles), *site_shape)``.
