@@ -289,8 +289,8 @@ def check_goals(summary: dict) -> list:
                     f"{GOAL_TV} in >= {need} of {seeds} seeds",
                     cell["seeds_ok"] >= need,
                     f"{cell['seeds_ok']}/{seeds} seeds; modes min "
-                    f"{cell['modes_covered']['worst']:.0f}/{cell['num_modes']}, TV mean {cell['mass_tv']['mean']:.3f} worst "
-                    f"{cell['mass_tv']['worst']:.3f}",
+                    f"{cell['modes_covered']['worst']:.0f}/{cell['num_modes']}, TV mean "
+                    f"{cell['mass_tv']['mean']:.3f} worst {cell['mass_tv']['worst']:.3f}",
                 )
             )
         if cell["reverse_kl"] is not None:
