@@ -6,4 +6,7 @@
   mixture-flow encoders (every estimator) at equal CPU time; held-out IWAE, ELBO, NMI.
 * ``python -m benchmarks.multimodal``: does a guide find every mode with the right mass?
   Pyro's guides, the design note's method and AutoMixtureFlow on six targets with ground truth.
+* ``python -m benchmarks.real_models``: ``fit()``, the plain SVI loop and Pyro's guides on models
+  written as users write them (mixture, BNN, factor analysis, frequency, eight schools) and on
+  20- to 100-D correlated mixtures, against exact or multi-chain NUTS ground truth.
 """
