@@ -379,8 +379,9 @@ def markdown(summary: dict, goals: list, meta: dict) -> str:
         "",
         f"{meta['date']}, {meta['machine']}. Command: `{meta['command']}` ({meta['seeds']} "
         f"seed(s), {meta['steps']} SVI steps at Adam lr {LR}, fit() with its own defaults; "
-        f"{meta['num_eval']} guide draws scored; wall time {meta['wall_seconds']:.0f} s, CPU time "
-        f"of the runs {meta['cpu_seconds']:.0f} s).",
+        f"{meta['num_eval']} guide draws scored; wall time {meta['wall_seconds']:.0f} s"
+        f"{' summed over the merged runs' if meta.get('merged') else ''}, CPU time of the runs "
+        f"{meta['cpu_seconds']:.0f} s).",
         "",
         "Each cell: mean over seeds (worst seed). modes = modes covered (q mass > "
         f"{COVER_FRACTION:g} x true mass), TV = mode-mass total variation, ok = seeds with every "
@@ -533,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jobs": args.jobs,
         "wall_seconds": wall if wall is not None else time.perf_counter() - start,
         "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs),
+        "merged": bool(args.merge),
     }
     doc = {"meta": meta, "summary": summary, "goals": goals, "runs": runs}
     report = markdown(summary, goals, meta)
