@@ -280,3 +280,21 @@ def test_quick_run_writes_the_tables_and_the_goals(tmp_path):
     assert report.count("- [") >= 5
     assert "cores" in report
     assert cpu < 60, f"--quick took {cpu:.0f} s of CPU time (budget: 60 s on one core)"
+
+
+def test_ground_truth_command_writes_canonical_draws_and_a_sidecar(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import real_ground_truth, real_models
+
+    monkeypatch.setattr(real_ground_truth, "GROUND_TRUTH_DIR", str(tmp_path))
+    monkeypatch.setitem(real_ground_truth.NUTS_SETTINGS, "factor", (2, 5, 10, 1))
+    docs = real_models.main(["--ground-truth", "--targets", "factor"])
+    assert set(docs) == {"factor"}
+    sidecar = json.loads((tmp_path / "factor.json").read_text())
+    assert sidecar["chains"] == 2 and sidecar["stored_draws"] == 20
+    assert sidecar["chains_info"][1]["start"]["lam"][0] < 0  # second chain in the other mode
+    bench = rt.factor()
+    draws = load_ground_truth(bench)
+    assert draws["lam"].shape == (40, 6)  # 20 canonical draws x 2 sign images
+    assert bool((bench.canonical(draws)["lam"].sum(-1) >= 0).all())
