@@ -8,4 +8,7 @@
   Pyro's guides, the design note's method and AutoMixtureFlow on six targets with ground truth.
 * ``python -m benchmarks.maxent``: maximum-entropy flows against closed forms (Dirichlet,
   Gaussian, exponential, bimodal); a mixture base against a normal base, every estimator.
+* ``python -m benchmarks.real_models``: ``fit()``, the plain SVI loop and Pyro's guides on models
+  written as users write them (mixture, BNN, factor analysis, frequency, eight schools) and on
+  20- to 100-D correlated mixtures, against exact or multi-chain NUTS ground truth.
 """
