@@ -26,7 +26,6 @@ flow may differ), so the comparison is at the same flow and the same model evalu
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import datetime
 import functools
@@ -34,7 +33,6 @@ import inspect
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import sys
@@ -44,13 +42,13 @@ import warnings
 import numpy as np
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from pyro_mogflow import AutoMixtureFlow, fit
 from pyro_mogflow.examples import mode_masses
 
 from .guides import FLOW, GUIDES
 from .metrics import evaluate
+from .runner import run_jobs
 from .targets import TARGETS, build_target
 
 __all__ = ["SUITES", "Suite", "main", "run_job", "summarise", "check_goals"]
@@ -487,20 +485,7 @@ def _run_all(targets, guides, seeds: int, steps: int, jobs: int, k: int = K_DEFA
         for s in range(seeds)
         for g in guides
     ]
-    runs = []
-    bar = tqdm(total=len(work), desc="multimodal", file=sys.stderr)
-    if jobs == 1:
-        for job in work:
-            runs.append(run_job(job))
-            bar.update(1)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            for fut in cf.as_completed([pool.submit(run_job, job) for job in work]):
-                runs.append(fut.result())
-                bar.update(1)
-    bar.close()
-    return runs
+    return run_jobs(run_job, work, jobs, "multimodal")
 
 
 def main(argv=None) -> dict:

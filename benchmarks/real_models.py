@@ -41,13 +41,11 @@ on :data:`NUM_EVAL` of its draws, with importance weights
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime
 import functools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import sys
@@ -67,7 +65,6 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.optim import Adam
-from tqdm.auto import tqdm
 
 from pyro_mogflow import AutoMixtureFlow, StratifiedELBO, fit
 from pyro_mogflow.examples import mode_masses
@@ -75,6 +72,7 @@ from pyro_mogflow.examples import mode_masses
 from .metrics import COVER_FRACTION
 from .real_ground_truth import NUTS_SETTINGS, load_ground_truth, run_nuts
 from .real_targets import REAL_TARGETS, RealTarget, build_real_target
+from .runner import run_jobs
 
 __all__ = ["GUIDES", "check_goals", "evaluate", "main", "markdown", "run_job", "summarise"]
 
@@ -213,20 +211,7 @@ def run_job(job: dict) -> dict:
 
 
 def _run_all(work: list, jobs: int) -> list:
-    runs = []
-    bar = tqdm(total=len(work), desc="real models", file=sys.stderr)
-    if jobs == 1:
-        for job in work:
-            runs.append(run_job(job))
-            bar.update(1)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            for fut in cf.as_completed([pool.submit(run_job, job) for job in work]):
-                runs.append(fut.result())
-                bar.update(1)
-    bar.close()
-    return runs
+    return run_jobs(run_job, work, jobs, "real models")
 
 
 # --------------------------------------------------------------------------- summaries

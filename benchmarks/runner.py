@@ -1,0 +1,37 @@
+"""Run a benchmark's jobs one by one or in worker processes, with a progress bar."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import sys
+from collections.abc import Callable
+
+from tqdm.auto import tqdm
+
+__all__ = ["run_jobs"]
+
+
+def run_jobs(run_job: Callable[[dict], dict], work: list, jobs: int, desc: str) -> list:
+    """``[run_job(job) for job in work]``, in ``jobs`` spawned processes when ``jobs > 1``.
+
+    :param run_job: a module-level function (it is pickled to the workers).
+    :param list work: the jobs, each a picklable dict.
+    :param int jobs: worker processes; 1 runs in this process.
+    :param str desc: the progress bar's label.
+    :return: the results, in completion order when ``jobs > 1``.
+    """
+    runs = []
+    bar = tqdm(total=len(work), desc=desc, file=sys.stderr)
+    if jobs == 1:
+        for job in work:
+            runs.append(run_job(job))
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            for fut in cf.as_completed([pool.submit(run_job, job) for job in work]):
+                runs.append(fut.result())
+                bar.update(1)
+    bar.close()
+    return runs
