@@ -167,7 +167,7 @@ def _params(model: str, dim: int, h: int, k: int, layers: int, pieces: int) -> i
 
 def _configs(dim: int, quick: bool) -> dict[str, dict]:
     """fit_density arguments per model, widths matched to the mixture flow's parameter count."""
-    k, h, layers, pieces = (16, 32, 2, 4) if dim <= 2 else (8, 64, 2, 4)
+    k, h, layers, pieces = (16, 32, 2, 3) if dim <= 2 else (8, 64, 2, 3)
     if quick:
         h = 16
     target = _params("mixture_flow", dim, h, k, layers, pieces)

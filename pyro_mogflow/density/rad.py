@@ -61,7 +61,7 @@ from torch import nn
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from .._validation import check_int
+from .._validation import check_int, check_real
 from ..flows import BufferPermute
 
 __all__ = ["GATE_FLOOR", "RADCoupling", "RADFlow", "build_rad_layers"]
@@ -108,7 +108,7 @@ class RADCoupling(nn.Module):
 
     Usage::
 
-        layer = RADCoupling(2, num_pieces=4)
+        layer = RADCoupling(2, num_pieces=3)
         z, k, log_det, log_gate = layer.encode(x)     # data -> (real, discrete) latents
         x_back = layer.decode(z, k)                   # exact inverse of piece k
         k_draw = layer.sample_pieces(z)               # k ~ p(k | z, x_a)
@@ -122,56 +122,75 @@ class RADCoupling(nn.Module):
     def __init__(
         self,
         dim: int,
-        num_pieces: int = 4,
+        num_pieces: int = 3,
         hidden_dims: Sequence[int] = (32, 32),
         split_dim: int | None = None,
+        span: float = 0.75,
+        gate_bias: float = 2.0,
     ):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
-        self.num_pieces = check_int("num_pieces", num_pieces, 2)
+        self.num_pieces = check_int("num_pieces", num_pieces, 3)
+        if self.num_pieces % 2 == 0:
+            raise ValueError(
+                f"num_pieces must be odd (a continuous zig-zag whose end pieces run to -inf and "
+                f"+inf has an odd number of monotone pieces), got {num_pieces}"
+            )
         split = dim // 2 if split_dim is None else check_int("split_dim", split_dim, 0)
         if split >= dim:
             raise ValueError(f"split_dim must be < dim={dim}, got {split}")
         self.split_dim = split
         self.out_dim = dim - split
         k = self.num_pieces
-        # per coordinate: L, log(U - L), B_1, log widths of the K - 2 interior pieces,
-        # log a_1, log a_K
+        # per coordinate: centre c of the core, log(U - L), B_1, log widths of the K - 2 interior
+        # pieces, log a_1, log a_K
         self.conditioner = _MLP(split, hidden_dims, self.out_dim * (k + 3))
         self.gate = _MLP(dim, hidden_dims, self.out_dim * k)
-        # initial map: boundaries evenly on [-2, 2], core [-1, 1), unit end slopes
+        # initial map: boundaries evenly on [-span, span], every piece of slope +-1 (so the core
+        # is as high as an interior piece is wide), the core centred on 0
+        span = check_real("span", span, minimum=0.0, strict=True)
+        gate_bias = check_real("gate_bias", gate_bias)
+        width = 2.0 * span / (k - 2)
         init = torch.zeros(k + 3)
-        init[0] = -1.0
-        init[1] = _inv_softplus(2.0)
-        init[2] = -2.0 if k > 2 else 0.0
-        if k > 2:
-            init[3 : k + 1] = _inv_softplus(4.0 / (k - 2))
+        init[1] = _inv_softplus(width)
+        init[2] = -span
+        init[3 : k + 1] = _inv_softplus(width)
         self.register_buffer("_init", init)
+        gate_init = torch.zeros(k)
+        gate_init[k // 2] = gate_bias
+        self.register_buffer("_gate_init", gate_init)
+        sign = torch.ones(k)
+        sign[1:-1:2] = -1.0  # interior pieces alternate: decreasing, increasing, ..., decreasing
+        self.register_buffer("_sign", sign)
+        # piece j starts (at its left anchor) on U when it decreases or is piece 0, else on L
+        self.register_buffer("_starts_up", (sign < 0) | (torch.arange(k) == 0))
 
     # ------------------------------------------------------------------ pieces
     def _pieces(self, x_a: torch.Tensor):
-        """Anchors, offsets, log-slopes ``(..., out, K)`` and core ``L, U`` ``(..., out)``."""
+        """Anchors, offsets, signed slopes, log|slopes| ``(..., out, K)``; core ``L, U``."""
         k = self.num_pieces
         raw = self.conditioner(x_a).unflatten(-1, (self.out_dim, k + 3)) + self._init.to(x_a)
-        low = raw[..., 0]
-        width_core = torch.nn.functional.softplus(raw[..., 1]) + 1e-3
-        up = low + width_core
+        height = torch.nn.functional.softplus(raw[..., 1]) + 1e-3
+        low = raw[..., 0] - 0.5 * height
+        up = low + height
         first = raw[..., 2]
         widths = torch.nn.functional.softplus(raw[..., 3 : k + 1]) + 1e-3  # (..., out, K-2)
         bounds = torch.cat([first.unsqueeze(-1), first.unsqueeze(-1) + widths.cumsum(-1)], -1)
         # end slopes in [e^-3, e^3]: a steep end piece would give the tails a vanishing density
         log_a1 = (3.0 * torch.tanh(raw[..., k + 1] / 3.0)).unsqueeze(-1)
         log_ak = (3.0 * torch.tanh(raw[..., k + 2] / 3.0)).unsqueeze(-1)
-        log_mid = torch.log(width_core).unsqueeze(-1) - torch.log(widths)
+        log_mid = torch.log(height).unsqueeze(-1) - torch.log(widths)
         log_slopes = torch.cat([log_a1, log_mid, log_ak], -1)  # (..., out, K)
+        slopes = self._sign.to(x_a) * log_slopes.exp()
         anchors = torch.cat([bounds[..., :1], bounds], -1)  # (..., out, K)
-        offsets = torch.cat([up.unsqueeze(-1), low.unsqueeze(-1).expand(low.shape + (k - 1,))], -1)
-        return bounds, anchors, offsets, log_slopes, low, up
+        offsets = torch.where(self._starts_up, up.unsqueeze(-1), low.unsqueeze(-1))
+        return bounds, anchors, offsets, slopes, log_slopes, low, up
 
     def _gate_logits(self, x_a: torch.Tensor, z_b: torch.Tensor, low, up) -> torch.Tensor:
         """Masked gate logits ``(..., out, K)``: ``-inf`` where piece k cannot produce ``z_b``."""
         k = self.num_pieces
         logits = self.gate(torch.cat([x_a, z_b], -1)).unflatten(-1, (self.out_dim, k))
+        logits = logits + self._gate_init.to(logits)
         below = (z_b < low).unsqueeze(-1)
         above = (z_b >= up).unsqueeze(-1)
         idx = torch.arange(k, device=z_b.device)
@@ -197,11 +216,11 @@ class RADCoupling(nn.Module):
             the gate log-probability, each ``(...)``.
         """
         x_a, x_b = x[..., : self.split_dim], x[..., self.split_dim :]
-        bounds, anchors, offsets, log_slopes, low, up = self._pieces(x_a)
+        bounds, anchors, offsets, slopes, log_slopes, low, up = self._pieces(x_a)
         k = (x_b.unsqueeze(-1) >= bounds).sum(-1)  # (..., out) in [0, K-1]
         ki = k.unsqueeze(-1)
         log_a = log_slopes.gather(-1, ki).squeeze(-1)
-        z_b = offsets.gather(-1, ki).squeeze(-1) + log_a.exp() * (
+        z_b = offsets.gather(-1, ki).squeeze(-1) + slopes.gather(-1, ki).squeeze(-1) * (
             x_b - anchors.gather(-1, ki).squeeze(-1)
         )
         log_gate = self._gate_log_probs(x_a, z_b, low, up).gather(-1, ki).squeeze(-1)
@@ -227,20 +246,20 @@ class RADCoupling(nn.Module):
         :return: ``x``, shape ``(..., D)``.
         """
         x_a, z_b = z[..., : self.split_dim], z[..., self.split_dim :]
-        _, anchors, offsets, log_slopes, _, _ = self._pieces(x_a)
+        _, anchors, offsets, slopes, _, _, _ = self._pieces(x_a)
         ki = k.unsqueeze(-1)
         x_b = anchors.gather(-1, ki).squeeze(-1) + (
             z_b - offsets.gather(-1, ki).squeeze(-1)
-        ) * torch.exp(-log_slopes.gather(-1, ki).squeeze(-1))
+        ) / slopes.gather(-1, ki).squeeze(-1)
         return torch.cat([x_a, x_b], -1)
 
 
 def build_rad_layers(
     dim: int,
     num_layers: int = 2,
-    num_pieces: int = 4,
+    num_pieces: int = 3,
     hidden_dims: Sequence[int] = (32, 32),
-    affine_between: bool = True,
+    affine_between: bool = False,
 ) -> nn.ModuleList:
     """A RAD stack, from the base side to the data side (the order :class:`RADFlow` takes).
 
@@ -258,7 +277,7 @@ def build_rad_layers(
     """
     check_int("dim", dim, 1)
     check_int("num_layers", num_layers, 1)
-    check_int("num_pieces", num_pieces, 2)
+    check_int("num_pieces", num_pieces, 3)
     hidden = list(hidden_dims)
     parts: list = []
 
