@@ -221,7 +221,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     sets2d = DATASETS_2D[:1] + DATASETS_2D[-1:] if quick else DATASETS_2D
     tabular = TABULAR[:1] if quick else TABULAR
     n_train, n_test = (400, 400) if quick else (2000, 2000)
-    budget_2d, budget_tab = (0.3, 0.3) if quick else (1.6, 1.5)
+    budget_2d, budget_tab = (0.3, 0.3) if quick else (2.4, 1.5)
     results: dict = {"2d": {}, "tabular": {}}
     figure_models: dict = {}
     total = len(seeds) * (len(sets2d) + len(tabular)) * len(MODELS)

@@ -125,8 +125,8 @@ class RADCoupling(nn.Module):
         num_pieces: int = 3,
         hidden_dims: Sequence[int] = (32, 32),
         split_dim: int | None = None,
-        span: float = 0.75,
-        gate_bias: float = 2.0,
+        span: float = 0.1,
+        gate_bias: float = 0.0,
     ):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
