@@ -254,7 +254,7 @@ def fit_density(
     :param hidden_dims: hidden sizes of the flows' networks (default ``(32, 32)``).
     :param str estimator: one of :data:`~pyro_mogflow.ESTIMATORS`, for ``rsample`` only.
     :param float temperature: the relaxed estimators' temperature.
-    :param int num_pieces: RAD's pieces per coordinate, ``>= 2`` (default 4).
+    :param int num_pieces: RAD's pieces per coordinate, odd, ``>= 3`` (default 3).
     :param float validation_fraction: held-out share of ``data`` in ``(0, 1)`` (default 0.2).
     :param int batch_size: minibatch size (default 256).
     :param float learning_rate: Adam's step size (default 5e-3).

@@ -22,28 +22,47 @@ over exactly the pieces that can produce :math:`z`. Sampling is exact: draw :mat
 
 **What is built here** (the paper has no public code; this is derived from its text):
 
-* The piecewise-linear coupling function, with conditioner outputs per coordinate: a core
-  interval :math:`[L, U)`, boundaries :math:`B_1 < \dots < B_{K-1}`, and end slopes
-  :math:`a_1, a_K > 0`. Piece 1, :math:`(-\infty, B_1)`, maps to :math:`(-\infty, U)` by
-  :math:`z = U + a_1 (x - B_1)`; interior piece :math:`k`, :math:`[B_{k-1}, B_k)`, maps onto the
-  core :math:`[L, U)` by :math:`z = L + \frac{U - L}{B_k - B_{k-1}} (x - B_{k-1})`; piece
-  :math:`K`, :math:`[B_{K-1}, \infty)`, maps to :math:`[L, \infty)` by
-  :math:`z = L + a_K (x - B_{K-1})`. The images cover the line, so every :math:`z` has at least
-  one valid piece and the density is normalised with no lost mass. :math:`K \ge 2`.
-* The gate is one MLP on :math:`(x_a, z_b)` with :math:`K` logits per transformed coordinate,
-  masked to the valid pieces, its softmax mixed with a uniform over them (weight
-  :data:`GATE_FLOOR`, so held-out points never get a vanishing gate probability); the end
-  slopes are kept in :math:`[e^{-3}, e^{3}]` for the same reason.
-* :func:`build_rad_layers` alternates RAD layers with Real NVP affine couplings
-  (Pyro's ``affine_coupling``) and fixed permutations (buffers), on a standard normal base, as the
-  paper stacks RAD layers with ordinary invertible ones.
+* The coupling function is a *continuous* piecewise-linear zig-zag, the paper's construction of a
+  locally invertible function from pieces joined by reflections. Per coordinate the conditioner
+  outputs a core interval :math:`[L, U]` (its centre and log-height), boundaries
+  :math:`B_1 < \dots < B_{K-1}` (the first and the log-widths of the :math:`K - 2` interior
+  pieces), and end slopes :math:`a_1, a_K > 0`. Piece 1, :math:`(-\infty, B_1)`, rises to
+  :math:`(-\infty, U]` (:math:`z = U + a_1 (x - B_1)`); the interior pieces alternately fall
+  from :math:`U` to :math:`L` and rise from :math:`L` to :math:`U` (each is the reflection of its
+  neighbour, so neighbouring pieces meet at the boundaries and the map is continuous); piece
+  :math:`K`, :math:`[B_{K-1}, \infty)`, rises from :math:`L` to :math:`\infty`. The end pieces
+  run to :math:`-\infty` and :math:`+\infty` only when :math:`K` is odd, so :math:`K \in \{3, 5,
+  \dots\}`. Every :math:`z` in the core has :math:`K` pre-images, every :math:`z` outside one;
+  the images cover the line, so no mass is lost.
+* The gate is one MLP on :math:`(x_a, z_b)` — conditioned like a coupling layer, on the
+  conditioner half and the real latent — with :math:`K` logits per transformed coordinate,
+  masked to the pieces whose image contains :math:`z_b`, its softmax mixed with a uniform over
+  them (weight :data:`GATE_FLOOR`, so held-out points never get a vanishing gate probability);
+  the end slopes are kept in :math:`[e^{-3}, e^{3}]` for the same reason.
+* Initialisation: every network's last layer starts at zero, so the initial map is the same for
+  every :math:`x_a`: boundaries evenly on :math:`[-s, s]` (``span`` :math:`s = 0.1` in
+  standardised units), all slopes :math:`\pm 1`, a uniform gate. The fold is then a small
+  wiggle, and the layer's density is within about 0.1 nat (KL) of a standard normal per
+  transformed coordinate — so a RAD flow starts where a Real NVP flow starts (a standard
+  normal), and training grows the fold where the data have discrete structure. (A fold spanning
+  the data, ``span = 2`` on 1-D, starts about 0.7 nat per coordinate away and trains far more
+  slowly.)
+* :func:`build_rad_layers` stacks RAD layers with fixed permutations (buffers) between them so
+  both halves are transformed, on a standard normal base; ``affine_between=True`` adds a Real NVP
+  affine coupling (Pyro's ``affine_coupling``) before each RAD layer. Each RAD layer already
+  carries a conditioned scale (its slopes) and shift (its core centre), so it generalises an
+  affine coupling; the extra affine layers cost time and, at matched parameters and budget,
+  made the fits worse, so they are off by default.
+* :class:`~pyro_mogflow.density.builders.RADDensity` trains the RAD layers at twice the common
+  learning rate (its ``param_groups``).
 
-**Departures from the paper** (as far as its text describes): the paper's coupling function is
-also piecewise linear with masked gating, but its exact parameterisation of the pieces, its
-network architectures (convolutional for images) and its multi-scale structure are not
-reproduced; the pieces here are increasing only (no reflections), the function is discontinuous
-at the boundaries (each interior piece maps onto the same core), and in 1-D the conditioner is
-empty, so the layer's parameters are free parameters.
+**Departures from the paper** (as far as its text describes): its network architectures
+(convolutional for images) and multi-scale structure are not reproduced; the core interval is
+shared by all interior pieces of a coordinate (the paper's pieces need not share an image); the
+gate floor and the bounded end slopes are additions for held-out stability; the density of
+:math:`x` is continuous in :math:`x` only where the gate's mask does not change (the gate
+probability jumps where :math:`z_b` leaves the core, as it must when the number of pre-images
+changes); in 1-D the conditioner is empty, so the layer's parameters are free parameters.
 
 Reference: L. Dinh, J. Sohl-Dickstein, R. Pascanu, H. Larochelle, *A RAD approach to deep mixture
 models*, ICLR 2019 workshop (DeepGenStruct), arXiv:1903.07714.
@@ -114,9 +133,12 @@ class RADCoupling(nn.Module):
         k_draw = layer.sample_pieces(z)               # k ~ p(k | z, x_a)
 
     :param int dim: ``D``.
-    :param int num_pieces: ``K >= 2``, pieces of each coordinate's map (default 4).
+    :param int num_pieces: ``K``, odd and ``>= 3``: pieces of each coordinate's map (default 3).
     :param hidden_dims: hidden sizes of the conditioner and the gate MLPs (default ``(32, 32)``).
     :param int split_dim: coordinates in the conditioner half (default ``D // 2``).
+    :param float span: the initial boundaries lie evenly on ``[-span, span]`` (default 0.1:
+        a small fold, so the layer starts close to the identity in density).
+    :param float gate_bias: initial gate logit added to the middle piece (default 0: uniform).
     """
 
     def __init__(
@@ -270,9 +292,10 @@ def build_rad_layers(
 
     :param int dim: ``D``.
     :param int num_layers: RAD layers, ``>= 1``.
-    :param int num_pieces: pieces per coordinate of each RAD layer, ``>= 2``.
+    :param int num_pieces: pieces per coordinate of each RAD layer, odd, ``>= 3``.
     :param hidden_dims: hidden sizes of every network.
-    :param bool affine_between: add the affine couplings (``False``: RAD layers and permutations).
+    :param bool affine_between: add a Real NVP affine coupling before each RAD layer (default
+        ``False``: RAD layers and permutations).
     :return: an :class:`~torch.nn.ModuleList` of :class:`RADCoupling` and torch transforms.
     """
     check_int("dim", dim, 1)

@@ -104,3 +104,78 @@ def test_bad_arguments():
         RADCoupling(2.5)
     with pytest.raises(TypeError, match="layers"):
         RADFlow([torch.nn.Linear(2, 2)], 2)
+
+
+def _perturbed_layer(num_pieces, dim=2, seed=0, scale=0.5):
+    torch.manual_seed(seed)
+    layer = RADCoupling(dim, num_pieces=num_pieces, hidden_dims=(8,)).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("num_pieces", [3, 5])
+def test_map_is_continuous_and_zig_zags(num_pieces):
+    """Neighbouring pieces meet at the boundaries (reflections), slopes alternate +, -, +, ..."""
+    layer = _perturbed_layer(num_pieces)
+    x_a = torch.randn(50, 1, dtype=torch.float64)
+    bounds, _, _, slopes, *_ = layer._pieces(x_a)
+    eps = 1e-7
+    for j in range(num_pieces - 1):
+        b = bounds[:, 0, j : j + 1]
+        z_left, k_left, *_ = layer.encode(torch.cat([x_a, b - eps], -1))
+        z_right, k_right, *_ = layer.encode(torch.cat([x_a, b + eps], -1))
+        assert (k_left[:, 0] == j).all() and (k_right[:, 0] == j + 1).all()
+        assert torch.allclose(z_left[:, 1], z_right[:, 1], atol=1e-5)
+    signs = torch.sign(slopes[:, 0])
+    expected = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(num_pieces)])
+    assert (signs == expected.to(signs)).all()
+
+
+def test_every_core_point_has_one_preimage_per_piece():
+    layer = _perturbed_layer(5, seed=2)
+    x_a = torch.randn(200, 1, dtype=torch.float64)
+    *_, low, up = layer._pieces(x_a)
+    z_b = low + (up - low) * torch.rand_like(low)
+    z = torch.cat([x_a, z_b], -1)
+    for k in range(5):
+        kk = torch.full((200, 1), k, dtype=torch.long)
+        x = layer.decode(z, kk)
+        z_back, k_back, _, log_gate = layer.encode(x)
+        assert (k_back == kk).all()
+        assert torch.allclose(z_back, z, atol=1e-9)
+        assert torch.isfinite(log_gate).all()
+
+
+def test_even_num_pieces_rejected():
+    with pytest.raises(ValueError, match="odd"):
+        RADCoupling(2, num_pieces=4)
+    with pytest.raises(ValueError, match="odd"):
+        build_rad_layers(2, 2, num_pieces=6)
+
+
+def test_initial_layer_is_close_to_a_standard_normal():
+    """At initialisation a RAD flow starts where Real NVP starts: within 0.1 nat (KL) of N(0, 1)
+    per transformed coordinate, whatever its conditioner input."""
+    x = torch.linspace(-10, 10, 40001, dtype=torch.float64).unsqueeze(-1)
+    log_n = -0.5 * x[:, 0] ** 2 - 0.5 * math.log(2 * math.pi)
+    layer = RADCoupling(1, num_pieces=3).double()
+    with torch.no_grad():
+        lp = RADFlow([layer], 1).log_prob(x)
+    kl = torch.trapezoid(log_n.exp() * (log_n - lp), x[:, 0]).item()
+    assert 0 <= kl < 0.1
+    wide = RADCoupling(1, num_pieces=3, span=2.0).double()
+    with torch.no_grad():
+        lp_wide = RADFlow([wide], 1).log_prob(x)
+    assert torch.trapezoid(log_n.exp() * (log_n - lp_wide), x[:, 0]).item() > 5 * kl
+
+
+def test_rad_density_trains_rad_layers_at_a_higher_rate():
+    from pyro_mogflow.density.builders import RADDensity
+
+    module = RADDensity(torch.zeros(2), torch.ones(2), 2, num_layers=2)
+    groups = module.param_groups(1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
+    assert all(g["lr"] == pytest.approx(RADDensity.lr_scale * 1e-3) for g in groups)
+    assert RADDensity.lr_scale > 1
