@@ -38,7 +38,9 @@ over exactly the pieces that can produce :math:`z`. Sampling is exact: draw :mat
   conditioner half and the real latent — with :math:`K` logits per transformed coordinate,
   masked to the pieces whose image contains :math:`z_b`, its softmax mixed with a uniform over
   them (weight :data:`GATE_FLOOR`, so held-out points never get a vanishing gate probability);
-  the end slopes are kept in :math:`[e^{-3}, e^{3}]` for the same reason.
+  the end slopes are kept in :math:`[e^{-2}, e^{2}]` (:data:`MAX_LOG_SLOPE`): a steep end
+  piece sent an ordinary held-out point to :math:`|z| \approx 80` (wine, seed 4; held-out
+  log-likelihood -119 with :math:`e^{3}`).
 * Initialisation: every network's last layer starts at zero, so the initial map is the same for
   every :math:`x_a`: boundaries evenly on :math:`[-s, s]` (``span`` :math:`s = 0.1` in
   standardised units), all slopes :math:`\pm 1`, a uniform gate. The fold is then a small
@@ -83,10 +85,13 @@ from torch.distributions.utils import _sum_rightmost
 from .._validation import check_int, check_real
 from ..flows import BufferPermute
 
-__all__ = ["GATE_FLOOR", "RADCoupling", "RADFlow", "build_rad_layers"]
+__all__ = ["GATE_FLOOR", "MAX_LOG_SLOPE", "RADCoupling", "RADFlow", "build_rad_layers"]
 
 #: Share of the gate given to the uniform distribution over the valid pieces.
 GATE_FLOOR = 1e-3
+
+#: Bound on the log-slopes of the end pieces (conditioned slopes lie in [e^-b, e^b]).
+MAX_LOG_SLOPE = 2.0
 
 
 def _inv_softplus(c: float) -> float:
@@ -198,9 +203,9 @@ class RADCoupling(nn.Module):
         first = raw[..., 2]
         widths = torch.nn.functional.softplus(raw[..., 3 : k + 1]) + 1e-3  # (..., out, K-2)
         bounds = torch.cat([first.unsqueeze(-1), first.unsqueeze(-1) + widths.cumsum(-1)], -1)
-        # end slopes in [e^-3, e^3]: a steep end piece would give the tails a vanishing density
-        log_a1 = (3.0 * torch.tanh(raw[..., k + 1] / 3.0)).unsqueeze(-1)
-        log_ak = (3.0 * torch.tanh(raw[..., k + 2] / 3.0)).unsqueeze(-1)
+        # end slopes in [e^-2, e^2]: a steep end piece would give the tails a vanishing density
+        log_a1 = (MAX_LOG_SLOPE * torch.tanh(raw[..., k + 1] / MAX_LOG_SLOPE)).unsqueeze(-1)
+        log_ak = (MAX_LOG_SLOPE * torch.tanh(raw[..., k + 2] / MAX_LOG_SLOPE)).unsqueeze(-1)
         log_mid = torch.log(height).unsqueeze(-1) - torch.log(widths)
         log_slopes = torch.cat([log_a1, log_mid, log_ak], -1)  # (..., out, K)
         slopes = self._sign.to(x_a) * log_slopes.exp()
