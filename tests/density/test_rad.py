@@ -156,15 +156,15 @@ def test_even_num_pieces_rejected():
 
 
 def test_initial_layer_is_close_to_a_standard_normal():
-    """At initialisation a RAD flow starts where Real NVP starts: within 0.1 nat (KL) of N(0, 1)
-    per transformed coordinate, whatever its conditioner input."""
+    """At initialisation a RAD flow starts where Real NVP starts: within 0.15 nat (KL) of N(0, 1)
+    per transformed coordinate (0.12 with the default span), whatever its conditioner input."""
     x = torch.linspace(-10, 10, 40001, dtype=torch.float64).unsqueeze(-1)
     log_n = -0.5 * x[:, 0] ** 2 - 0.5 * math.log(2 * math.pi)
     layer = RADCoupling(1, num_pieces=3).double()
     with torch.no_grad():
         lp = RADFlow([layer], 1).log_prob(x)
     kl = torch.trapezoid(log_n.exp() * (log_n - lp), x[:, 0]).item()
-    assert 0 <= kl < 0.1
+    assert 0 <= kl < 0.15
     wide = RADCoupling(1, num_pieces=3, span=2.0).double()
     with torch.no_grad():
         lp_wide = RADFlow([wide], 1).log_prob(x)
@@ -179,3 +179,13 @@ def test_rad_density_trains_rad_layers_at_a_higher_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
     assert all(g["lr"] == pytest.approx(RADDensity.lr_scale * 1e-3) for g in groups)
     assert RADDensity.lr_scale > 1
+
+
+def test_points_on_the_boundaries_have_a_finite_density():
+    """x exactly on a boundary maps to a turning point U or L of the core; the closed core and
+    the producing piece's validity keep its gate probability (and density) positive."""
+    layer = RADCoupling(1, num_pieces=5, span=2.0).double()
+    bounds, *_ = layer._pieces(torch.zeros(1, 0, dtype=torch.float64))
+    x = torch.cat([bounds[0, 0], bounds[0, 0] + 1e-12, bounds[0, 0] - 1e-12]).unsqueeze(-1)
+    _, _, log_det, log_gate = layer.encode(x)
+    assert torch.isfinite(log_gate).all() and torch.isfinite(log_det).all()
