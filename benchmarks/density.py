@@ -1,6 +1,6 @@
 """Density estimation: the mixture flow against RAD, Real NVP, a neural spline flow and a GMM.
 
-``python -m benchmarks.density`` (about 9-10 minutes on one core) or ``--quick`` (seconds, for
+``python -m benchmarks.density`` (about 8-10 minutes on one core) or ``--quick`` (seconds, for
 the test suite). Every model is fitted by :func:`pyro_mogflow.fit_density` with the same wall-clock
 budget per fit and held-out early stopping; the flows' hidden widths are chosen so their
 parameter counts match the mixture flow's. Reported per data set (mean ± standard error over
