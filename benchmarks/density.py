@@ -1,6 +1,6 @@
 """Density estimation: the mixture flow against RAD, Real NVP, a neural spline flow and a GMM.
 
-``python -m benchmarks.density`` (about 6-8 minutes on one core) or ``--quick`` (seconds, for
+``python -m benchmarks.density`` (about 8-10 minutes on one core) or ``--quick`` (seconds, for
 the test suite). Every model is fitted by :func:`pyro_mogflow.fit_density` with the same wall-clock
 budget per fit and held-out early stopping; the flows' hidden widths are chosen so their
 parameter counts match the mixture flow's. Reported per data set (mean ± standard error over
@@ -167,7 +167,7 @@ def _params(model: str, dim: int, h: int, k: int, layers: int, pieces: int) -> i
 
 def _configs(dim: int, quick: bool) -> dict[str, dict]:
     """fit_density arguments per model, widths matched to the mixture flow's parameter count."""
-    k, h, layers, pieces = (16, 32, 2, 4) if dim <= 2 else (8, 64, 2, 4)
+    k, h, layers, pieces = (16, 32, 2, 3) if dim <= 2 else (8, 64, 2, 3)
     if quick:
         h = 16
     target = _params("mixture_flow", dim, h, k, layers, pieces)
@@ -221,7 +221,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     sets2d = DATASETS_2D[:1] + DATASETS_2D[-1:] if quick else DATASETS_2D
     tabular = TABULAR[:1] if quick else TABULAR
     n_train, n_test = (400, 400) if quick else (2000, 2000)
-    budget_2d, budget_tab = (0.3, 0.3) if quick else (1.6, 1.5)
+    budget_2d, budget_tab = (0.3, 0.3) if quick else (2.4, 1.5)
     results: dict = {"2d": {}, "tabular": {}}
     figure_models: dict = {}
     total = len(seeds) * (len(sets2d) + len(tabular)) * len(MODELS)

@@ -199,7 +199,7 @@ def fit_density(
     hidden_dims: Sequence[int] = (32, 32),
     estimator: str = "implicit",
     temperature: float = 0.5,
-    num_pieces: int = 4,
+    num_pieces: int = 3,
     validation_fraction: float = 0.2,
     batch_size: int = 256,
     learning_rate: float = 5e-3,
@@ -254,7 +254,7 @@ def fit_density(
     :param hidden_dims: hidden sizes of the flows' networks (default ``(32, 32)``).
     :param str estimator: one of :data:`~pyro_mogflow.ESTIMATORS`, for ``rsample`` only.
     :param float temperature: the relaxed estimators' temperature.
-    :param int num_pieces: RAD's pieces per coordinate, ``>= 2`` (default 4).
+    :param int num_pieces: RAD's pieces per coordinate, odd, ``>= 3`` (default 3).
     :param float validation_fraction: held-out share of ``data`` in ``(0, 1)`` (default 0.2).
     :param int batch_size: minibatch size (default 256).
     :param float learning_rate: Adam's step size (default 5e-3).
@@ -283,7 +283,7 @@ def fit_density(
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     num_components = check_int("num_components", num_components, 1)
     num_flows = check_int("num_flows", num_flows, 1)
-    num_pieces = check_int("num_pieces", num_pieces, 2)
+    num_pieces = check_int("num_pieces", num_pieces, 3)
     batch_size = check_int("batch_size", batch_size, 1)
     max_epochs = check_int("max_epochs", max_epochs, 1)
     patience = check_int("patience", patience, 1)
@@ -364,7 +364,7 @@ def fit_density(
     module = module.to(device=x.device, dtype=x.dtype)
 
     # ------------------------------------------------------------ train
-    optim = torch.optim.Adam(module.parameters(), lr=learning_rate)
+    optim = torch.optim.Adam(module.param_groups(learning_rate), lr=learning_rate)
     history: dict[str, list[float]] = {"train": [], "held_out": [], "time": []}
     best, best_epoch, best_state, stale = -math.inf, -1, copy.deepcopy(module.state_dict()), 0
     start = time.perf_counter()
