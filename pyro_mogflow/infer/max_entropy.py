@@ -116,6 +116,7 @@ from .._validation import check_bool, check_int, check_real
 from ..distributions import MixtureFlow, mixture_log_prob
 from ..distributions.estimators import check_estimator, check_temperature
 from ..flows import build_flow
+from .mixture_weights import MIN_WEIGHT
 
 __all__ = ["MaxEntropyResult", "fit_max_entropy"]
 
@@ -308,6 +309,24 @@ def _draw(
     return x, log_p, w
 
 
+def _natural_weight_step(logits: torch.Tensor, step: float) -> None:
+    r"""In place, from ``logits.grad``: :math:`\log\pi_k \leftarrow \log\pi_k - \eta\,(g_k -
+    \pi^\top g)`, :math:`g_k = \partial \mathcal{L} / \partial \pi_k`, renormalised and floored
+    at ``MIN_WEIGHT``.
+
+    The gradient w.r.t. the logits is :math:`\pi_k (g_k - \pi^\top g)`, so dividing it by
+    :math:`\pi_k` gives the natural gradient (the Fisher metric of the categorical): the
+    mirror-descent step that moves a component's weight in proportion to how much better or
+    worse its own draws score than the mixture's, whatever its current weight.
+    """
+    with torch.no_grad():
+        log_pi = torch.log_softmax(logits, -1)
+        nat = (logits.grad / log_pi.exp().clamp(min=MIN_WEIGHT)).clamp(-1e3 / step, 1e3 / step)
+        new = torch.log_softmax(log_pi - step * nat, -1).clamp(min=math.log(MIN_WEIGHT))
+        logits.copy_(torch.log_softmax(new, -1))
+        logits.grad = None
+
+
 def _sobol_normal(n: int, d: int, dtype, device) -> torch.Tensor:
     """``n`` standard normal points in ``R^d`` from a freshly scrambled Sobol' sequence."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -388,6 +407,7 @@ def fit_max_entropy(
     average_fraction: float = 0.5,
     qmc: bool = True,
     init_spread: float = 1.0,
+    weight_step: float | None = None,
     temperature: float = 0.5,
     num_nested: int = 32,
     num_check: int = 16384,
@@ -485,6 +505,8 @@ def fit_max_entropy(
     if average_fraction > 1:
         raise ValueError(f"average_fraction must be in [0, 1], got {average_fraction}")
     init_spread = check_real("init_spread", init_spread, minimum=0.0)
+    if weight_step is not None:
+        weight_step = check_real("weight_step", weight_step, minimum=0.0, strict=True)
     temperature = check_temperature(temperature)
     if callable(temperature):
         raise TypeError("temperature must be a positive float here (no schedule)")
@@ -524,7 +546,12 @@ def fit_max_entropy(
     scale = target.abs().clamp(min=1.0)
     multipliers = torch.zeros_like(target)
     c = penalty
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    # Natural-gradient (mirror-descent) steps for the weights of a stratified mixture; Adam
+    # for everything else (and for the logits otherwise).
+    natural = weight_step is not None and estimator == "stratified" and num_components > 1
+    adam_params = [p for p in module.parameters() if not (natural and p is module.logits)]
+    optimizer = torch.optim.Adam(adam_params, lr=lr)
+    eta = weight_step
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     previous = math.inf
@@ -574,6 +601,8 @@ def fit_max_entropy(
                     bar.update(1)
                     continue
                 optimizer.step()
+                if natural:
+                    _natural_weight_step(module.logits, eta)
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 if step >= num_inner - tail:
@@ -609,6 +638,8 @@ def fit_max_entropy(
             previous = r_norm
             for group in optimizer.param_groups:
                 group["lr"] *= lr_decay
+            if natural:
+                eta *= lr_decay
     finally:
         bar.close()
 
