@@ -463,6 +463,14 @@ def fit_max_entropy(
     :param bool qmc: with ``estimator="stratified"``, draw each component's Gaussian noise by
         randomized QMC (scrambled Sobol'; default True) instead of i.i.d.
     :param float init_spread: standard deviation of the initial component means (default 1).
+        For well-separated modes spread them over the solution's range (e.g. the RMS
+        :math:`\sqrt{\mathbb{E}[x^2]}` implied by the constraints) so that components start in
+        different modes.
+    :param weight_step: if given (and ``estimator="stratified"``, ``K > 1``), the mixture
+        weights take natural-gradient (mirror-descent) steps of this size instead of Adam's:
+        :math:`\log\pi_k \leftarrow \log\pi_k - \eta\,(g_k - \pi^\top g)` with
+        :math:`g_k = \partial\mathcal{L} / \partial\pi_k`, renormalised and floored at
+        ``1e-6``; :math:`\eta` decays with ``lr_decay``. Default ``None``: Adam on the logits.
     :param float temperature: Gumbel-softmax temperature (relaxed estimators only).
     :param int num_nested: inner draws of the ``"relaxed-nested"`` density.
     :param int num_check: fresh exact draws behind each multiplier update (default 16384).
