@@ -309,6 +309,33 @@ def goals(results: dict) -> list[str]:
     return out
 
 
+def _write(results: dict, out: str) -> str:
+    results["table"] = aggregate(results["runs"])
+    results["goals"] = goals(results)
+    text = markdown(results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "maxent.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    with open(os.path.join(out, "maxent.md"), "w") as fh:
+        fh.write(text)
+    return text
+
+
+def merge(paths: list[str], out: str, argv: list[str] | None = None) -> dict:
+    """The table of the runs of several ``maxent.json`` files (commands and seconds joined)."""
+    parts = []
+    for path in paths:
+        with open(path) as fh:
+            parts.append(json.load(fh))
+    meta = dict(parts[0]["meta"])
+    meta["command"] = "`; `".join(p["meta"]["command"] for p in parts)
+    meta["seconds"] = sum(p["meta"]["seconds"] for p in parts)
+    meta["seeds"] = sorted({s for p in parts for s in p["meta"]["seeds"]})
+    results = {"meta": meta, "runs": [r for p in parts for r in p["runs"]]}
+    print(_write(results, out))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget, for a smoke run")
@@ -320,7 +347,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--runs", default=None, help="comma-separated case:estimator:K triples (default all)"
     )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="comma-separated maxent.json files of earlier (e.g. parallel) runs: print and write "
+        "the table of all their runs together, without fitting anything",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), args.out, argv)
     torch.set_num_threads(1)
     plan = runs(args.quick)
     if args.cases:
@@ -367,16 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": time.time() - start,
         },
         "runs": rows,
-        "table": aggregate(rows),
     }
-    results["goals"] = goals(results)
-    text = markdown(results)
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "maxent.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "maxent.md"), "w") as fh:
-        fh.write(text)
+    print(_write(results, args.out))
     return results
 
 
