@@ -214,7 +214,7 @@ def evaluate(case: Case, res, num_ks: int = 2000) -> dict:
 SETTINGS = dict(num_outer=10, num_inner=100, num_samples=512)
 #: Extra settings of the mixture-base (K > 1) runs on the bimodal cases; ``init_spread`` is set
 #: per case to :math:`\sqrt{b_2}` (see the module docstring).
-MIXTURE: dict = dict(weight_step=None)
+MIXTURE: dict = dict(weight_step=0.02)
 QUICK = dict(num_outer=2, num_inner=10, num_samples=64, num_check=2048, num_eval=4096)
 
 

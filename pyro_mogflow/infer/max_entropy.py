@@ -168,11 +168,19 @@ class MaxEntropyResult:
 class _MaxEntFlow(torch.nn.Module):
     """The trainable mixture flow on ``R^d'``: weights, means, log-scales and a flow stack."""
 
-    def __init__(self, k: int, d: int, flow: Transform | None, init_spread: float, dtype):
+    def __init__(
+        self, k: int, d: int, flow: Transform | None, init_spread: float, dtype, sobol: bool = False
+    ):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.zeros(k, dtype=dtype))
         spread = init_spread if k > 1 else 0.0
-        self.locs = torch.nn.Parameter(spread * torch.randn(k, d, dtype=dtype))
+        # Sobol' means (scrambled, through the normal quantile) cover the space evenly: with
+        # K = 2^m every half-space of a coordinate gets K / 2 of them, where i.i.d. means may
+        # leave a region (a mode) without a component.
+        eps = (
+            _sobol_normal(k, d, dtype, "cpu") if sobol and k > 1 else torch.randn(k, d, dtype=dtype)
+        )
+        self.locs = torch.nn.Parameter(spread * eps)
         self.log_scales = torch.nn.Parameter(torch.zeros(k, d, dtype=dtype))
         self.flow = flow.to(dtype) if isinstance(flow, torch.nn.Module) else flow
 
@@ -407,6 +415,7 @@ def fit_max_entropy(
     average_fraction: float = 0.5,
     qmc: bool = True,
     init_spread: float = 1.0,
+    init_sobol: bool = False,
     weight_step: float | None = None,
     temperature: float = 0.5,
     num_nested: int = 32,
@@ -466,6 +475,9 @@ def fit_max_entropy(
         For well-separated modes spread them over the solution's range (e.g. the RMS
         :math:`\sqrt{\mathbb{E}[x^2]}` implied by the constraints) so that components start in
         different modes.
+    :param bool init_sobol: draw the initial means as ``init_spread`` times a scrambled Sobol'
+        sequence through the normal quantile (even coverage: with :math:`K = 2^m` each half of
+        every coordinate gets :math:`K/2` means) instead of i.i.d. normal (default False).
     :param weight_step: if given (and ``estimator="stratified"``, ``K > 1``), the mixture
         weights take natural-gradient (mirror-descent) steps of this size instead of Adam's:
         :math:`\log\pi_k \leftarrow \log\pi_k - \eta\,(g_k - \pi^\top g)` with
@@ -524,6 +536,7 @@ def fit_max_entropy(
     seed = check_int("seed", seed, allow_none=True)
     check_bool("progress", progress)
     check_bool("qmc", qmc)
+    check_bool("init_sobol", init_sobol)
 
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -550,7 +563,9 @@ def fit_max_entropy(
         )
 
     flow_module = _build_flow(flow, free_dim, num_flows, hidden_dims, flow_kwargs)
-    module = _MaxEntFlow(num_components, free_dim, flow_module, init_spread, dtype).to(device)
+    module = _MaxEntFlow(num_components, free_dim, flow_module, init_spread, dtype, init_sobol).to(
+        device
+    )
     scale = target.abs().clamp(min=1.0)
     multipliers = torch.zeros_like(target)
     c = penalty
