@@ -162,6 +162,21 @@ def test_natural_gradient_weight_steps_move_the_weights_and_keep_them_a_distribu
     assert math.isfinite(other.entropy)
 
 
+def test_sobol_initial_means_cover_every_quadrant_evenly():
+    from pyro_mogflow.infer.max_entropy import _MaxEntFlow
+
+    torch.manual_seed(0)
+    for _ in range(5):
+        locs = _MaxEntFlow(8, 2, None, 3.0, torch.float64, sobol=True).locs.detach()
+        quadrant = (locs[:, 0] > 0).long() * 2 + (locs[:, 1] > 0).long()
+        assert torch.bincount(quadrant, minlength=4).tolist() == [2, 2, 2, 2]
+    res = fit_max_entropy(
+        _moments2, torch.tensor([0.0, 4.0]), 1, num_components=4, init_spread=2.0,
+        init_sobol=True, seed=0, progress=False, **TINY,
+    )  # fmt: skip
+    assert math.isfinite(res.entropy)
+
+
 def test_progress_bar_and_bare_mixture(capsys):
     res = fit_max_entropy(
         _moments2, torch.tensor([0.0, 1.0]), 1, flow=None, progress=True, seed=0, **TINY
@@ -217,9 +232,7 @@ def test_bimodal_reference_by_quadrature_is_self_consistent():
     up, down = bimodal_reference(lam4=LAMBDA4 + eps), bimodal_reference(lam4=LAMBDA4 - eps)
     assert (up["log_z"] - down["log_z"]) / (2 * eps) == pytest.approx(ref["m4"], rel=1e-6)
     # H = log Z - eta . b
-    assert ref["entropy"] == pytest.approx(
-        ref["log_z"] - LAMBDA2 * ref["m2"] - LAMBDA4 * ref["m4"]
-    )
+    assert ref["entropy"] == pytest.approx(ref["log_z"] - LAMBDA2 * ref["m2"] - LAMBDA4 * ref["m4"])
 
 
 def test_bimodal_target_is_well_separated_with_a_deep_trough():
