@@ -43,7 +43,9 @@ Bimodal cases compare the mixture base (``K = 8``, every estimator, including th
 flow layers). The mixture runs use what the package knows works for separated modes
 (:data:`MIXTURE`): component means initialised spread out, with standard deviation
 :math:`\sqrt{b_2}` (the RMS of the solution, known from the constraints themselves, not from
-the solution); the normal base keeps its single component at 0 with a learnable scale. With
+the solution), and with ``stratified`` natural-gradient weight steps (``weight_step=0.02``;
+larger steps chased the noise of the per-component terms in trials); the normal base keeps its
+single component at 0 with a learnable scale. With
 ``--seeds 0,1,...`` every run is repeated and the table reports the mean over seeds.
 """
 
