@@ -116,6 +116,7 @@ from .._validation import check_bool, check_int, check_real
 from ..distributions import MixtureFlow, mixture_log_prob
 from ..distributions.estimators import check_estimator, check_temperature
 from ..flows import build_flow
+from .mixture_weights import MIN_WEIGHT
 
 __all__ = ["MaxEntropyResult", "fit_max_entropy"]
 
@@ -167,11 +168,19 @@ class MaxEntropyResult:
 class _MaxEntFlow(torch.nn.Module):
     """The trainable mixture flow on ``R^d'``: weights, means, log-scales and a flow stack."""
 
-    def __init__(self, k: int, d: int, flow: Transform | None, init_spread: float, dtype):
+    def __init__(
+        self, k: int, d: int, flow: Transform | None, init_spread: float, dtype, sobol: bool = False
+    ):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.zeros(k, dtype=dtype))
         spread = init_spread if k > 1 else 0.0
-        self.locs = torch.nn.Parameter(spread * torch.randn(k, d, dtype=dtype))
+        # Sobol' means (scrambled, through the normal quantile) cover the space evenly: with
+        # K = 2^m every half-space of a coordinate gets K / 2 of them, where i.i.d. means may
+        # leave a region (a mode) without a component.
+        eps = (
+            _sobol_normal(k, d, dtype, "cpu") if sobol and k > 1 else torch.randn(k, d, dtype=dtype)
+        )
+        self.locs = torch.nn.Parameter(spread * eps)
         self.log_scales = torch.nn.Parameter(torch.zeros(k, d, dtype=dtype))
         self.flow = flow.to(dtype) if isinstance(flow, torch.nn.Module) else flow
 
@@ -308,6 +317,24 @@ def _draw(
     return x, log_p, w
 
 
+def _natural_weight_step(logits: torch.Tensor, step: float) -> None:
+    r"""In place, from ``logits.grad``: :math:`\log\pi_k \leftarrow \log\pi_k - \eta\,(g_k -
+    \pi^\top g)`, :math:`g_k = \partial \mathcal{L} / \partial \pi_k`, renormalised and floored
+    at ``MIN_WEIGHT``.
+
+    The gradient w.r.t. the logits is :math:`\pi_k (g_k - \pi^\top g)`, so dividing it by
+    :math:`\pi_k` gives the natural gradient (the Fisher metric of the categorical): the
+    mirror-descent step that moves a component's weight in proportion to how much better or
+    worse its own draws score than the mixture's, whatever its current weight.
+    """
+    with torch.no_grad():
+        log_pi = torch.log_softmax(logits, -1)
+        nat = (logits.grad / log_pi.exp().clamp(min=MIN_WEIGHT)).clamp(-1e3 / step, 1e3 / step)
+        new = torch.log_softmax(log_pi - step * nat, -1).clamp(min=math.log(MIN_WEIGHT))
+        logits.copy_(torch.log_softmax(new, -1))
+        logits.grad = None
+
+
 def _sobol_normal(n: int, d: int, dtype, device) -> torch.Tensor:
     """``n`` standard normal points in ``R^d`` from a freshly scrambled Sobol' sequence."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -388,6 +415,8 @@ def fit_max_entropy(
     average_fraction: float = 0.5,
     qmc: bool = True,
     init_spread: float = 1.0,
+    init_sobol: bool = False,
+    weight_step: float | None = None,
     temperature: float = 0.5,
     num_nested: int = 32,
     num_check: int = 16384,
@@ -443,6 +472,17 @@ def fit_max_entropy(
     :param bool qmc: with ``estimator="stratified"``, draw each component's Gaussian noise by
         randomized QMC (scrambled Sobol'; default True) instead of i.i.d.
     :param float init_spread: standard deviation of the initial component means (default 1).
+        For well-separated modes spread them over the solution's range (e.g. the RMS
+        :math:`\sqrt{\mathbb{E}[x^2]}` implied by the constraints) so that components start in
+        different modes.
+    :param bool init_sobol: draw the initial means as ``init_spread`` times a scrambled Sobol'
+        sequence through the normal quantile (even coverage: with :math:`K = 2^m` each half of
+        every coordinate gets :math:`K/2` means) instead of i.i.d. normal (default False).
+    :param weight_step: if given (and ``estimator="stratified"``, ``K > 1``), the mixture
+        weights take natural-gradient (mirror-descent) steps of this size instead of Adam's:
+        :math:`\log\pi_k \leftarrow \log\pi_k - \eta\,(g_k - \pi^\top g)` with
+        :math:`g_k = \partial\mathcal{L} / \partial\pi_k`, renormalised and floored at
+        ``1e-6``; :math:`\eta` decays with ``lr_decay``. Default ``None``: Adam on the logits.
     :param float temperature: Gumbel-softmax temperature (relaxed estimators only).
     :param int num_nested: inner draws of the ``"relaxed-nested"`` density.
     :param int num_check: fresh exact draws behind each multiplier update (default 16384).
@@ -485,6 +525,8 @@ def fit_max_entropy(
     if average_fraction > 1:
         raise ValueError(f"average_fraction must be in [0, 1], got {average_fraction}")
     init_spread = check_real("init_spread", init_spread, minimum=0.0)
+    if weight_step is not None:
+        weight_step = check_real("weight_step", weight_step, minimum=0.0, strict=True)
     temperature = check_temperature(temperature)
     if callable(temperature):
         raise TypeError("temperature must be a positive float here (no schedule)")
@@ -494,6 +536,7 @@ def fit_max_entropy(
     seed = check_int("seed", seed, allow_none=True)
     check_bool("progress", progress)
     check_bool("qmc", qmc)
+    check_bool("init_sobol", init_sobol)
 
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -520,11 +563,18 @@ def fit_max_entropy(
         )
 
     flow_module = _build_flow(flow, free_dim, num_flows, hidden_dims, flow_kwargs)
-    module = _MaxEntFlow(num_components, free_dim, flow_module, init_spread, dtype).to(device)
+    module = _MaxEntFlow(num_components, free_dim, flow_module, init_spread, dtype, init_sobol).to(
+        device
+    )
     scale = target.abs().clamp(min=1.0)
     multipliers = torch.zeros_like(target)
     c = penalty
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    # Natural-gradient (mirror-descent) steps for the weights of a stratified mixture; Adam
+    # for everything else (and for the logits otherwise).
+    natural = weight_step is not None and estimator == "stratified" and num_components > 1
+    adam_params = [p for p in module.parameters() if not (natural and p is module.logits)]
+    optimizer = torch.optim.Adam(adam_params, lr=lr)
+    eta = weight_step
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     previous = math.inf
@@ -574,6 +624,8 @@ def fit_max_entropy(
                     bar.update(1)
                     continue
                 optimizer.step()
+                if natural:
+                    _natural_weight_step(module.logits, eta)
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 if step >= num_inner - tail:
@@ -609,6 +661,8 @@ def fit_max_entropy(
             previous = r_norm
             for group in optimizer.param_groups:
                 group["lr"] *= lr_decay
+            if natural:
+                eta *= lr_decay
     finally:
         bar.close()
 

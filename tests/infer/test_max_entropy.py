@@ -2,7 +2,8 @@
 
 Closed forms (exact maximum-entropy solutions): Dirichlet(1, 2, 3) on the simplex (MEFN's case),
 a Gaussian from its first two moments, an exponential from its mean, and the bimodal
-p(z) ∝ exp(2 z² - z⁴/4) from E[z²], E[z⁴] (reference by quadrature, benchmarks.maxent).
+p(z) ∝ exp(9 z²/4 - z⁴/8) from E[z²], E[z⁴] (modes at ±3, a 10-nat trough; reference by
+quadrature, benchmarks.maxent).
 Training budgets here are small (the goals are checked at the full budget by
 ``python -m benchmarks.maxent``, whose table is in the README), so the
 tolerances on the fitted law are those budgets' accuracy; tolerances on estimates of a fixed
@@ -11,6 +12,7 @@ law are multiples of their standard errors.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import constraints
@@ -61,6 +63,7 @@ def _moments2(x):
         (dict(average_fraction=2.0), ValueError, "average_fraction"),
         (dict(progress="yes"), TypeError, "progress must be a bool"),
         (dict(qmc=1), TypeError, "qmc must be a bool"),
+        (dict(weight_step=0.0), ValueError, "weight_step must be a finite float > 0"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument_before_any_work(kwargs, error, words):
@@ -143,6 +146,37 @@ def test_iid_stratified_draws_train_too():
     assert math.isfinite(res.entropy) and len(res.losses) == 3
 
 
+def test_natural_gradient_weight_steps_move_the_weights_and_keep_them_a_distribution():
+    """weight_step: mirror-descent steps on the stratified mixture's log-weights (not Adam)."""
+    kwargs = dict(num_components=3, init_spread=2.0, seed=0, progress=False, flow=None, **TINY)
+    target = torch.tensor([0.0, 4.0])
+    plain = fit_max_entropy(_moments2, target, 1, **kwargs)
+    res = fit_max_entropy(_moments2, target, 1, weight_step=0.5, **kwargs)
+    pi = torch.softmax(res.distribution.logits, -1)
+    assert float(pi.sum()) == pytest.approx(1.0) and bool((pi >= 0.999e-6).all())
+    # Same draws and Adam steps for the rest; only the weight update differs.
+    moved = (pi - torch.softmax(plain.distribution.logits, -1)).abs().max()
+    assert float(moved) > 1e-3
+    # Ignored (Adam on the logits) where there is no exact expectation over the components.
+    other = fit_max_entropy(_moments2, target, 1, weight_step=0.5, estimator="implicit", **kwargs)
+    assert math.isfinite(other.entropy)
+
+
+def test_sobol_initial_means_cover_every_quadrant_evenly():
+    from pyro_mogflow.infer.max_entropy import _MaxEntFlow
+
+    torch.manual_seed(0)
+    for _ in range(5):
+        locs = _MaxEntFlow(8, 2, None, 3.0, torch.float64, sobol=True).locs.detach()
+        quadrant = (locs[:, 0] > 0).long() * 2 + (locs[:, 1] > 0).long()
+        assert torch.bincount(quadrant, minlength=4).tolist() == [2, 2, 2, 2]
+    res = fit_max_entropy(
+        _moments2, torch.tensor([0.0, 4.0]), 1, num_components=4, init_spread=2.0,
+        init_sobol=True, seed=0, progress=False, **TINY,
+    )  # fmt: skip
+    assert math.isfinite(res.entropy)
+
+
 def test_progress_bar_and_bare_mixture(capsys):
     res = fit_max_entropy(
         _moments2, torch.tensor([0.0, 1.0]), 1, flow=None, progress=True, seed=0, **TINY
@@ -190,10 +224,27 @@ def test_dirichlet_of_mefn_from_expected_logs():
 
 def test_bimodal_reference_by_quadrature_is_self_consistent():
     """The quadrature's moments satisfy the exponential-family identity d log Z / d eta = b."""
-    from benchmarks.maxent import bimodal_reference
+    from benchmarks.maxent import LAMBDA2, LAMBDA4, bimodal_reference
 
     ref, eps = bimodal_reference(), 1e-5
-    up, down = bimodal_reference(lam2=2.0 + eps), bimodal_reference(lam2=2.0 - eps)
+    up, down = bimodal_reference(lam2=LAMBDA2 + eps), bimodal_reference(lam2=LAMBDA2 - eps)
     assert (up["log_z"] - down["log_z"]) / (2 * eps) == pytest.approx(ref["m2"], rel=1e-6)
+    up, down = bimodal_reference(lam4=LAMBDA4 + eps), bimodal_reference(lam4=LAMBDA4 - eps)
+    assert (up["log_z"] - down["log_z"]) / (2 * eps) == pytest.approx(ref["m4"], rel=1e-6)
     # H = log Z - eta . b
-    assert ref["entropy"] == pytest.approx(ref["log_z"] - 2.0 * ref["m2"] + 0.25 * ref["m4"])
+    assert ref["entropy"] == pytest.approx(ref["log_z"] - LAMBDA2 * ref["m2"] - LAMBDA4 * ref["m4"])
+
+
+def test_bimodal_target_is_well_separated_with_a_deep_trough():
+    """Modes at ±3, trough more than 10 nats below the peaks: a mass split across a trough."""
+    from benchmarks.maxent import LAMBDA2, LAMBDA4, bimodal_reference
+
+    assert LAMBDA2 > 0 > LAMBDA4
+    ref = bimodal_reference()
+    z, cdf = ref["grid"], ref["cdf"]
+    log_p = LAMBDA2 * z**2 + LAMBDA4 * z**4 - ref["log_z"]
+    assert abs(abs(z[log_p.argmax()]) - 3.0) < 1e-3
+    assert log_p.max() - log_p[len(z) // 2] > 10.0
+    # mass between -1 and 1 is negligible; each half holds one half of the mass
+    assert float(np.interp(1.0, z, cdf) - np.interp(-1.0, z, cdf)) < 1e-3
+    assert float(np.interp(0.0, z, cdf)) == pytest.approx(0.5, abs=1e-9)
