@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -54,6 +53,8 @@ from tqdm.auto import tqdm
 
 from pyro_mogflow import mixture_log_prob
 from pyro_mogflow.distributions import DiagNormalMixture, RelaxedMixtureOfDiagNormals
+
+from .runner import save_report
 
 __all__ = ["ESTIMATORS", "Case", "build_cases", "run_case", "main"]
 
@@ -605,11 +606,7 @@ def main(argv=None) -> dict:
     results["goals"] = goals(results)
     text = markdown(results)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gradients.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "gradients.md"), "w") as fh:
-        fh.write(text)
+    save_report(results, text, args.out, "gradients")
     return results
 
 

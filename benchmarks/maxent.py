@@ -68,6 +68,8 @@ from torch.distributions import constraints
 
 from pyro_mogflow import fit_max_entropy
 
+from .runner import save_report
+
 __all__ = [
     "Case", "CASES", "MIXTURE", "bimodal_reference", "make_case", "mixture_settings", "evaluate",
     "main",
@@ -315,11 +317,7 @@ def _write(results: dict, out: str) -> str:
     results["table"] = aggregate(results["runs"])
     results["goals"] = goals(results)
     text = markdown(results)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "maxent.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(out, "maxent.md"), "w") as fh:
-        fh.write(text)
+    save_report(results, text, out, "maxent")
     return text
 
 

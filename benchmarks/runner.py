@@ -1,15 +1,17 @@
-"""Run a benchmark's jobs one by one or in worker processes, with a progress bar."""
+"""Shared plumbing of the benchmarks: run jobs (in worker processes), save a report."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-__all__ = ["run_jobs"]
+__all__ = ["run_jobs", "save_report"]
 
 
 def run_jobs(run_job: Callable[[dict], dict], work: list, jobs: int, desc: str) -> list:
@@ -35,3 +37,12 @@ def run_jobs(run_job: Callable[[dict], dict], work: list, jobs: int, desc: str) 
                 bar.update(1)
     bar.close()
     return runs
+
+
+def save_report(results: dict, text: str, out: str, name: str) -> None:
+    """Write ``results`` to ``out/name.json`` and the markdown ``text`` to ``out/name.md``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as fh:
+        fh.write(text)

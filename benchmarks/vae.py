@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -60,6 +59,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_mogflow import AmortizedMixtureFlow, StratifiedELBO
+
+from .runner import save_report
 
 __all__ = [
     "EncoderSpec",
@@ -498,10 +499,7 @@ def main(argv=None) -> dict:
     print(text)
     os.makedirs(args.out, exist_ok=True)
     name = "vae_quick" if args.quick else "vae"
-    with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    save_report(results, text, args.out, name)
     return results
 
 
