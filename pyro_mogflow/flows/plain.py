@@ -30,6 +30,7 @@ __all__ = [
     "BufferPermute",
     "ForwardOnlyGuard",
     "build_flow",
+    "check_flow",
     "register_flow",
     "is_forward_only",
     "stack_layers",
@@ -329,6 +330,24 @@ class ForwardOnlyGuard(Transform):
         # sample, ``components()``), whose stored log-dets some layers would otherwise return.
         y = self.transform(x)
         return self.transform.log_abs_det_jacobian(x, y)
+
+
+def check_flow(flow: object) -> None:
+    """Raise unless ``flow`` is ``None``, a callable ``latent_dim -> Transform``, or a name in
+    :data:`FLOWS`; before any work, naming the argument.
+
+    :raises TypeError: for anything else than a string, a callable or ``None``.
+    :raises ValueError: for a name that is not registered.
+    """
+    if flow is None or callable(flow):
+        return
+    if not isinstance(flow, str):
+        raise TypeError(
+            "flow must be a registered name, a callable latent_dim -> TransformModule or None, "
+            f"got {type(flow).__name__}"
+        )
+    if flow not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
 
 
 def build_flow(

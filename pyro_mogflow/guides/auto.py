@@ -15,7 +15,7 @@ from torch.distributions import Transform
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
 from ..distributions.estimators import ESTIMATORS, Temperature
-from ..flows import FLOWS, ForwardOnlyGuard, build_flow, is_forward_only
+from ..flows import ForwardOnlyGuard, build_flow, check_flow, is_forward_only
 from .initialization import (
     DEFAULT_INIT_SCALE,
     check_init_spread,
@@ -173,14 +173,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         num_components = check_int("num_components", num_components, 1)
-        if flow is not None and not callable(flow):
-            if not isinstance(flow, str):
-                raise TypeError(
-                    "flow must be a registered name, a callable latent_dim -> TransformModule "
-                    f"or None, got {type(flow).__name__}"
-                )
-            if flow not in FLOWS:
-                raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
+        check_flow(flow)
         num_flows = check_int("num_flows", num_flows, 1)
         if hidden_dims is not None:
             if isinstance(hidden_dims, numbers.Integral) and not isinstance(hidden_dims, bool):

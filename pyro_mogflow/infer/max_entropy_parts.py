@@ -12,7 +12,7 @@ from torch.distributions import Transform, biject_to, constraints
 from torch.distributions.transforms import IndependentTransform
 
 from ..distributions import MixtureFlow, mixture_log_prob
-from ..flows import build_flow
+from ..flows import FLOWS, build_flow, check_flow
 from .mixture_weights import MIN_WEIGHT
 
 __all__: list = []
@@ -107,18 +107,8 @@ def _check_target(target: object) -> torch.Tensor:
 
 
 def _check_flow(flow: object) -> None:
-    if flow is None or callable(flow):
-        return
-    from ..flows import FLOWS
-
-    if not isinstance(flow, str):
-        raise TypeError(
-            "flow must be a registered flow name, a callable latent_dim -> TransformModule or "
-            f"None, got {type(flow).__name__}"
-        )
-    if flow not in FLOWS:
-        raise ValueError(f"unknown flow {flow!r}; registered flows are {sorted(FLOWS)}")
-    if not FLOWS[flow].invertible:
+    check_flow(flow)
+    if isinstance(flow, str) and not FLOWS[flow].invertible:
         raise ValueError(
             f"flow {flow!r} is forward-only: the fitted distribution could not score points "
             "(log_prob); choose an invertible flow such as 'spline_autoregressive'"
