@@ -16,7 +16,6 @@ relaxation and no score function.
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import sys
 import warnings
@@ -32,6 +31,8 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 
 from ..distributions.mixture_flow import StratifiedSample, check_components
+from . import stratified_chunks
+from .budget import DEFAULT_MEMORY_BUDGET, ChunkPlanner, check_memory_budget
 from .stratified_sites import (
     _VECTORIZE_ADVICE,
     PARTICLE_PLATE,
@@ -136,6 +137,16 @@ class StratifiedELBO(ELBO):
         this ELBO adds. By default it is found by running the model once at the guide's
         initial values (static model structure assumed), as Pyro does.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+    :param memory_budget: bytes of working memory one evaluation may take (default
+        ``DEFAULT_MEMORY_BUDGET``, 1 GiB), or ``None`` for no limit. The components are
+        evaluated in chunks whose size is measured on the first evaluation (see
+        :mod:`pyro_mogflow.infer.budget`): :meth:`loss_and_grads` backpropagates each chunk's
+        share of the ELBO as soon as it is built (same value and gradient as one evaluation);
+        :meth:`differentiable_loss` recomputes each chunk in the backward pass
+        (``torch.utils.checkpoint``); with ``importance_weighted=True`` a pass without
+        gradients finds every draw's weight, then each chunk is backpropagated (exact gradient,
+        twice the model runs; its :meth:`differentiable_loss` keeps every chunk's graph).
+        :meth:`particles` is one evaluation, unchunked.
 
     References:
 
@@ -150,6 +161,7 @@ class StratifiedELBO(ELBO):
         importance_weighted: bool = False,
         max_plate_nesting: int | float = float("inf"),
         retain_graph: bool | None = None,
+        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ):
         if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
@@ -179,6 +191,9 @@ class StratifiedELBO(ELBO):
             retain_graph=retain_graph,
         )
         self.importance_weighted = importance_weighted
+        self.memory_budget = check_memory_budget(memory_budget)
+        self._planner = ChunkPlanner(self.memory_budget, "component")
+        self._chunking = False  # inside a chunked evaluation: a changed K is handled there
         self._probed: dict = {}
         self._draw_by_draw: set = set()  # (model, guide) pairs whose model does not vectorize
         self._latent_shapes: dict = {}  # model -> its latent sites' shapes, one draw at a time
@@ -263,6 +278,8 @@ class StratifiedELBO(ELBO):
             # The guide's number of components changed since it was probed (e.g. pruned
             # components): probe it again and evaluate anew.
             self._probed.pop((id(model), id(guide)), None)
+            if self._chunking:
+                raise
             return self._terms(model, guide, args, kwargs)
         if stratify.sample is None:
             raise ValueError(f"the guide did not sample its stratified site {name!r} this step")
@@ -428,23 +445,12 @@ class StratifiedELBO(ELBO):
             self._components = previous
 
     def _objective(self, model, guide, args, kwargs) -> torch.Tensor:
+        """The ELBO (or the share of ``only_components``); SIWAE: see stratified_chunks."""
         terms = self._terms(model, guide, args, kwargs)
         log_weights = terms.sample.log_weights
         if self._components is not None:
             share = terms.global_.sum() / terms.total
             return (log_weights.exp() * terms.local.mean(1)).sum() + share
-        if self.importance_weighted:
-            if terms.global_varies:
-                raise ValueError(
-                    "importance_weighted=True with an amortized site needs every latent outside "
-                    "its plates to be fixed across draws; use the ELBO (importance_weighted=False)"
-                )
-            k, n = terms.local.shape[:2]
-            joint = (log_weights.unsqueeze(1) + terms.local).reshape(
-                (k * n,) + log_weights.shape[1:]
-            )
-            bound = torch.logsumexp(joint, dim=0) - math.log(n)
-            return bound.sum() + terms.global_.mean()
         return (log_weights.exp() * terms.local.mean(1)).sum() + terms.global_.mean()
 
     # ------------------------------------------------------------- Pyro ELBO API
@@ -453,8 +459,7 @@ class StratifiedELBO(ELBO):
 
         :rtype: float
         """
-        with torch.no_grad():
-            loss = -torch_item(self._objective(model, guide, args, kwargs))
+        loss = -torch_item(stratified_chunks.loss(self, model, guide, args, kwargs))
         warn_if_nan(loss, "loss")
         return loss
 
@@ -463,7 +468,7 @@ class StratifiedELBO(ELBO):
 
         :rtype: torch.Tensor
         """
-        loss = -self._objective(model, guide, args, kwargs)
+        loss = -stratified_chunks.differentiable_loss(self, model, guide, args, kwargs)
         warn_if_nan(loss, "loss")
         return loss
 
@@ -472,9 +477,6 @@ class StratifiedELBO(ELBO):
 
         :rtype: float
         """
-        loss = -self._objective(model, guide, args, kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        value = torch_item(loss)
+        value = -torch_item(stratified_chunks.loss_and_grads(self, model, guide, args, kwargs))
         warn_if_nan(value, "loss")
         return value

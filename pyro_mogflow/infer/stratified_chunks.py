@@ -1,0 +1,271 @@
+r"""The evaluations of :class:`~pyro_mogflow.StratifiedELBO` run in chunks of components, so
+their working memory stays under the ELBO's ``memory_budget``.
+
+The stratified ELBO is a sum over components, :math:`\mathcal{L} = \sum_k \pi_k L_k`, so a
+partition of the components into chunks :math:`S_1, \dots, S_c` splits it into shares
+(:meth:`~pyro_mogflow.StratifiedELBO.only_components`) whose values and gradients add up to the
+whole: the loss sums the shares, and training backpropagates each share as soon as it is
+evaluated, so only one chunk's autograd graph is alive at a time. The chunk size is measured on
+the first evaluation (:class:`~pyro_mogflow.infer.budget.ChunkPlanner`).
+
+The importance-weighted bound :math:`\log \frac1n \sum_{kt} \pi_k w_{kt}` does not split, but its
+gradient does: :math:`\nabla \log \sum_i e^{a_i} = \sum_i \operatorname{softmax}(a)_i \nabla a_i`.
+A first pass without gradients evaluates every :math:`a_i = \log \pi_k + \log w_{kt}` chunk by
+chunk (recording the random state before each chunk); a second pass evaluates each chunk again
+with the same random state and backpropagates :math:`\sum_{i \in S} \operatorname{sg}
+(\operatorname{softmax}(a)_i)\, a_i`. The gradient is exactly that of the unchunked bound, at
+twice the model evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from pyro import poutine
+from torch.utils.checkpoint import checkpoint
+
+from ..distributions.mixture_flow import check_components
+from .budget import shapes_key
+from .stratified_sites import _ComponentsChanged
+
+__all__: list = []
+
+
+def _rng_state():
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+
+
+@contextlib.contextmanager
+def _replayed(state):
+    """Run with the random state ``state`` (then put the current one back)."""
+    cpu, cuda = state
+    devices = list(range(len(cuda))) if cuda is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
+
+
+def _forked():
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [])
+
+
+def _param_leaves(run) -> tuple:
+    """``run()`` and the leaf tensors of the parameters it read that require gradients."""
+    with poutine.trace(param_only=True) as capture:
+        out = run()
+    leaves = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    return out, [p for p in leaves if p.requires_grad]
+
+
+def _with_chunk(elbo, comps, fn):
+    previous = elbo._components
+    elbo._components = comps
+    try:
+        return fn()
+    finally:
+        elbo._components = previous
+
+
+def chunk_size(elbo, model, guide, args, kwargs, items, total, objective) -> int:
+    """Components per chunk, measured once per model, guide, data shapes and gradient mode by
+    evaluating ``objective()`` on 1 and 2 components (and backpropagating it when gradients
+    are on), without touching ``.grad`` or the random stream."""
+    grad = torch.is_grad_enabled()
+
+    def probe(m: int) -> None:
+        comps = torch.arange(m) if items is None else items[:m]
+        with _forked():
+            out, leaves = _param_leaves(lambda: _with_chunk(elbo, comps, objective))
+            if grad and out.requires_grad and leaves:
+                torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+
+    key = (id(model), id(guide), elbo.num_particles, total, grad, shapes_key(args, kwargs))
+    if items is not None:
+        key = key + (tuple(items.tolist()),)
+    if elbo.importance_weighted:
+        key = key + ("siwae",)
+    return elbo._planner.size(key, total, probe)
+
+
+def run_shares(elbo, model, guide, args, kwargs, evaluate) -> list:
+    """``evaluate(comps, whole)`` for each chunk of the components under evaluation (all ``K``, or
+    those of an enclosing ``only_components``), with ``elbo`` set to evaluate that chunk;
+    ``whole`` says one chunk holds them all (``comps`` is then the enclosing selection).
+    """
+    _, k = elbo._probe(model, guide, args, kwargs)
+    outer = elbo._components
+    items = None if outer is None else check_components(outer, k)
+    total = k if items is None else items.numel()
+    elbo._chunking = True
+    try:
+        size = chunk_size(
+            elbo,
+            model,
+            guide,
+            args,
+            kwargs,
+            items,
+            total,
+            lambda: elbo._objective(model, guide, args, kwargs),
+        )
+        if size >= total:
+            return [evaluate(outer, True)]
+        out = []
+        for start in range(0, total, size):
+            stop = min(total, start + size)
+            comps = torch.arange(start, stop) if items is None else items[start:stop]
+            out.append(_with_chunk(elbo, comps, lambda c=comps: evaluate(c, False)))
+        return out
+    except _ComponentsChanged:  # raised by a guide run before any backward: K changed
+        elbo._probed.pop((id(model), id(guide)), None)
+    finally:
+        elbo._chunking = False
+    return run_shares(elbo, model, guide, args, kwargs, evaluate)
+
+
+def loss(elbo, model, guide, args, kwargs) -> torch.Tensor:
+    """The objective (ELBO or SIWAE bound), without gradients, chunk by chunk."""
+    with torch.no_grad():
+        if elbo.importance_weighted:
+            return _siwae(elbo, model, guide, args, kwargs, backward=False)[0]
+        parts = run_shares(
+            elbo,
+            model,
+            guide,
+            args,
+            kwargs,
+            lambda *_: elbo._objective(model, guide, args, kwargs),
+        )
+    return sum(parts[1:], parts[0])
+
+
+def loss_and_grads(elbo, model, guide, args, kwargs) -> torch.Tensor:
+    """The objective; each chunk's share is backpropagated (negated) as soon as it is built."""
+    if elbo.importance_weighted:
+        return _siwae(elbo, model, guide, args, kwargs, backward=True)[0]
+
+    def evaluate(*_):
+        share = elbo._objective(model, guide, args, kwargs)
+        if share.requires_grad:
+            (-share).backward(retain_graph=elbo.retain_graph)
+        return share.detach()
+
+    parts = run_shares(elbo, model, guide, args, kwargs, evaluate)
+    return sum(parts[1:], parts[0])
+
+
+def differentiable_loss(elbo, model, guide, args, kwargs) -> torch.Tensor:
+    """The objective as a differentiable tensor; when chunked, each chunk's share is
+    recomputed in the backward pass (``torch.utils.checkpoint``), with its random state."""
+    if elbo.importance_weighted:
+        value, surrogate = _siwae(elbo, model, guide, args, kwargs, backward=False, graph=True)
+        return value + (surrogate - surrogate.detach())
+
+    def evaluate(comps, whole):
+        if whole or not torch.is_grad_enabled():
+            return elbo._objective(model, guide, args, kwargs)
+        return _checkpointed(elbo, comps, model, guide, args, kwargs)
+
+    parts = run_shares(elbo, model, guide, args, kwargs, evaluate)
+    return sum(parts[1:], parts[0])
+
+
+def _checkpointed(elbo, comps, model, guide, args, kwargs) -> torch.Tensor:
+    state = {}
+
+    def share(_):
+        previous = elbo._components
+        elbo._components = comps
+        try:
+            if "rng" not in state:
+                state["rng"] = _rng_state()
+                return elbo._objective(model, guide, args, kwargs)
+            with _replayed(state["rng"]):
+                return elbo._objective(model, guide, args, kwargs)
+        finally:
+            elbo._components = previous
+
+    dummy = torch.zeros((), requires_grad=True)
+    return checkpoint(share, dummy, use_reentrant=False, preserve_rng_state=False)
+
+
+def _siwae_terms(elbo, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's ``a = log pi_k + log w_kt``, shape ``(m * n, *rest)``, and global share."""
+    terms = elbo._terms(model, guide, args, kwargs)
+    if terms.global_varies:
+        raise ValueError(
+            "importance_weighted=True with an amortized site needs every latent outside "
+            "its plates to be fixed across draws; use the ELBO (importance_weighted=False)"
+        )
+    log_weights = terms.sample.log_weights
+    m, n = terms.local.shape[:2]
+    joint = (log_weights.unsqueeze(1) + terms.local).reshape((m * n,) + log_weights.shape[1:])
+    return joint, terms.global_.sum() / terms.total
+
+
+def _siwae(elbo, model, guide, args, kwargs, backward: bool, graph: bool = False):
+    """``(bound, surrogate)``: the SIWAE bound's value and, with ``backward`` or ``graph``, a
+    term whose gradient is the bound's (backpropagated chunk by chunk when ``backward``)."""
+    _, k = elbo._probe(model, guide, args, kwargs)
+    n = elbo.num_particles
+    grad = backward or graph
+
+    def terms():
+        return _siwae_terms(elbo, model, guide, args, kwargs)
+
+    def objective():
+        joint, share = terms()
+        return joint.sum() + share
+
+    elbo._chunking = True
+    try:
+        with torch.set_grad_enabled(grad):
+            size = chunk_size(elbo, model, guide, args, kwargs, None, k, objective)
+        bounds = [(s, min(k, s + size)) for s in range(0, k, size)]
+        chunks = [None if (a, b) == (0, k) else torch.arange(a, b) for a, b in bounds]
+        states, joints, global_ = [], [], 0.0
+        with torch.no_grad():
+            for comps in chunks:
+                states.append(_rng_state())
+                joint, share = _with_chunk(elbo, comps, terms)
+                joints.append(joint)
+                global_ = global_ + share
+        joint = torch.cat(joints, 0)
+        bound = (torch.logsumexp(joint, 0) - math.log(n)).sum() + global_
+        if not grad:
+            return bound, None
+        weights = torch.softmax(joint, 0).split([(b - a) * n for a, b in bounds], 0)
+        surrogate = bound.new_zeros(())
+        for comps, state, w in zip(chunks, states, weights):
+            with _replayed(state):
+                joint_c, share = _with_chunk(elbo, comps, terms)
+            part = (w * joint_c).sum() + share
+            if backward:
+                if part.requires_grad:
+                    (-part).backward(retain_graph=elbo.retain_graph)
+                part = part.detach()
+            surrogate = surrogate + part
+        return bound, surrogate
+    finally:
+        elbo._chunking = False
+
+
+def particles_and_base(elbo, model, guide, args, kwargs):
+    """:meth:`~pyro_mogflow.StratifiedELBO.particles` without gradients, chunk by chunk, and the
+    base points of the draws, shape ``(K, n, D)``."""
+    from .stratified import StratifiedParticles
+
+    def evaluate(*_):
+        out = elbo.particles(model, guide, *args, **kwargs)
+        return out, elbo.last_sample.base.reshape(out.latent.shape)
+
+    with torch.no_grad():
+        parts = run_shares(elbo, model, guide, args, kwargs, evaluate)
+    cat = [torch.cat([p[0][i] for p in parts], 0) for i in range(3)]
+    return StratifiedParticles(*cat), torch.cat([p[1] for p in parts], 0)
