@@ -28,7 +28,9 @@ from pyro.infer.util import zero_grads
 from .._validation import check_int
 from ..distributions.density import component_log_prob
 from ..guides import AutoMixtureFlow
+from .budget import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
+from .stratified_chunks import particles_and_base, run_shares
 
 __all__ = ["MIN_WEIGHT", "WEIGHT_OBJECTIVES", "balance_weights", "natural_gradient_stepper"]
 
@@ -70,6 +72,7 @@ def balance_weights(
     num_particles: int = 256,
     num_iters: int = 200,
     objective: str = "elbo",
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     **kwargs,
 ) -> torch.Tensor:
     r"""Set a stratified :class:`~pyro_mogflow.AutoMixtureFlow`'s weights to their optimum for its
@@ -100,6 +103,9 @@ def balance_weights(
     :param int num_iters: the most fixed-point iterations (the loop stops once no log-weight
         moves by more than 1e-7).
     :param str objective: ``"elbo"`` (default) or ``"forward"``.
+    :param memory_budget: bytes of working memory for the model's evaluation (default 1 GiB;
+        ``None``: no limit): the components are evaluated in chunks, as in
+        :class:`~pyro_mogflow.StratifiedELBO`.
     :param kwargs: the model's keyword arguments.
     :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
     """
@@ -114,15 +120,15 @@ def balance_weights(
     if objective not in WEIGHT_OBJECTIVES:
         raise ValueError(f"objective must be one of {WEIGHT_OBJECTIVES}, got {objective!r}")
     guide.setup(*args, **kwargs)
-    elbo = StratifiedELBO(num_particles=num_particles)
-    log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
+    elbo = StratifiedELBO(num_particles=num_particles, memory_budget=memory_budget)
+    (log_ratio, log_pi, _), base = particles_and_base(elbo, model, guide, args, kwargs)
     # The fixed-point loop runs in float64 on the (K n, K) table of component densities, held
     # in exp space relative to each point's largest entry, so that one iteration is two
     # matrix-vector products instead of logsumexps over a (K, n, K) tensor.
     f64 = torch.float64
     locs, scales = guide.locs.detach().to(f64), guide.scales.detach().to(f64)
     k, n = log_ratio.shape
-    base = elbo.last_sample.base.detach().reshape(k * n, -1).to(f64)  # (K n, D)
+    base = base.reshape(k * n, -1).to(f64)  # (K n, D)
     comp = component_log_prob(base, locs, scales)  # (K n, K): log N(b_kt; mu_j, sigma_j)
     top = comp.max(-1, keepdim=True).values  # (K n, 1)
     dens = (comp - top).exp()  # (K n, K), each row's largest entry is 1
@@ -195,22 +201,31 @@ def natural_gradient_stepper(
 ):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
 
-    ``freeze_flow()`` says whether the flow's parameters sit out this step. ``check(loss,
+    The components are evaluated in chunks that fit ``elbo.memory_budget``, each chunk's
+    share backpropagated at once; the per-component terms :math:`L_k` are gathered chunk by
+    chunk. ``freeze_flow()`` says whether the flow's parameters sit out this step. ``check(loss,
     named)``, if given, is called after the backward pass and before anything moves, with
     ``named`` mapping param-store names to the tensors the step would update; raising there
     leaves every parameter (and the optimiser's state) as it was.
     """
 
     def step(*args, **kwargs) -> float:
-        with poutine.trace(param_only=True) as capture:
+        def share(*_):  # one chunk of components (their L_k and log pi_k), backpropagated
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
             terms = log_ratio.mean(-1)
             loss = -(log_pi.exp() * terms).sum()
+            loss.backward()
+            return loss.detach(), terms.detach(), log_pi.detach()
+
+        with poutine.trace(param_only=True) as capture:
+            parts = run_shares(elbo, model, guide, args, kwargs, share)
+        loss = sum(p[0] for p in parts)
+        terms = torch.cat([p[1] for p in parts])
+        log_pi = torch.cat([p[2] for p in parts])
         named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         params = set(named.values())
-        loss.backward()
         if check is not None:
-            check(loss.detach(), named)
+            check(loss, named)
         if weight_step is not None:
             # Component k's parameters get pi_k times the gradient of its own term L_k: divide
             # it out (the Fisher metric of the mixture scales each component's block by pi_k),
@@ -224,13 +239,13 @@ def natural_gradient_stepper(
             logits = _logits_param(guide)
             params.discard(logits)
             logits.grad = None
-            _natural_weight_step(logits, terms.detach(), weight_step)
+            _natural_weight_step(logits, terms, weight_step)
         if guide.flow is not None and freeze_flow():
             frozen = {id(p) for p in guide.flow.parameters()}
             zero_grads({p for p in params if id(p) in frozen})
             params = {p for p in params if id(p) not in frozen}
         optim(params)
         zero_grads(params)
-        return float(loss.detach())
+        return float(loss)
 
     return step

@@ -95,6 +95,7 @@ from pyro.infer.util import zero_grads
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
+from .budget import DEFAULT_MEMORY_BUDGET, check_memory_budget
 from .mixture_weights import WEIGHT_OBJECTIVES, balance_weights, natural_gradient_stepper
 from .recipe_checks import (
     _check_schedule,
@@ -195,6 +196,7 @@ def fit(
     desc: str = "fit",
     callback: Callable[[int, float, float], bool | None] | None = None,
     start_step: int = 0,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     model_kwargs: Mapping | None = None,
     **model_keywords,
 ) -> FitResult:
@@ -248,6 +250,10 @@ def fit(
     :param int start_step: the first step to run (default 0): resume a stopped fit with
         ``start_step=result.next_step`` and ``optim=result.optim`` (see the module docstring);
         the tempering schedule is that of the whole ``num_steps``.
+    :param memory_budget: bytes of working memory one evaluation of the model at the
+        stratified draws may take (default 1 GiB; ``None``: no limit): the components are
+        evaluated in chunks measured to fit (see :class:`~pyro_mogflow.StratifiedELBO`), in
+        training and in :func:`balance_weights`.
     :param dict model_kwargs: the model's keyword arguments whose names clash with an option of
         :func:`fit`; any other model keyword can be passed directly, ``fit(model, x, y=y)``.
     :param model_keywords: the model's keyword arguments (forwarded to every model and guide
@@ -285,6 +291,7 @@ def fit(
             f"{type(callback).__name__}"
         )
     start_step = check_int("start_step", start_step, 0)
+    memory_budget = check_memory_budget(memory_budget)
     if start_step >= num_steps:
         raise ValueError(
             f"start_step must be < num_steps={num_steps} (the steps left to run are "
@@ -325,7 +332,7 @@ def fit(
     # optimiser) would otherwise be added into this fit's first step.
     _clear_grads(guide)
     if global_mixture:
-        elbo = StratifiedELBO(num_particles=num_particles)
+        elbo = StratifiedELBO(num_particles=num_particles, memory_budget=memory_budget)
 
         def freeze():
             return freeze_flow and isinstance(target, TemperedModel) and target.beta < 1
@@ -338,7 +345,7 @@ def fit(
         # site; Pyro's other autoguides are not probed (the probe is one more guide run).
         own = not isinstance(guide, AutoGuide) or isinstance(guide, AutoGuideList)
         if own and StratifiedELBO.stratifies(model, guide, *args, **kwargs):
-            loss = StratifiedELBO(num_particles=num_particles)
+            loss = StratifiedELBO(num_particles=num_particles, memory_budget=memory_budget)
         else:
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
 
@@ -403,6 +410,7 @@ def fit(
                 *args,
                 num_particles=balance_particles,
                 objective=balance,
+                memory_budget=memory_budget,
                 **kwargs,
             )
     finally:

@@ -1,0 +1,198 @@
+"""The memory budget: measured chunk sizes, and chunked evaluations equal to unchunked ones.
+
+The Gaussian noise of the stratified draw is set to zero (every draw sits at its component's
+mean), so a chunked and an unchunked evaluation see the same draws and must agree to float
+precision, value and gradient alike.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_mogflow import AutoMixtureFlow, StratifiedELBO
+from pyro_mogflow.infer import balance_weights
+from pyro_mogflow.infer.budget import ChunkPlanner, check_memory_budget, measure_peak
+from pyro_mogflow.infer.mixture_weights import natural_gradient_stepper
+
+MIB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _clean_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def regression(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 2.0).to_event(1))
+    s = pyro.sample("s", dist.LogNormal(torch.zeros((), dtype=x.dtype), 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), s), obs=y)
+
+
+def _data(dtype=torch.float64, n=30):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g, dtype=dtype)
+    return x, (x * torch.tensor([1.0, -2.0], dtype=dtype)).sum(-1).abs()
+
+
+def _zero_noise(monkeypatch):
+    real = torch.randn
+
+    def randn(*shape, **kwargs):
+        return torch.zeros_like(real(*shape, **kwargs))
+
+    monkeypatch.setattr(torch, "randn", randn)
+
+
+def _grads(guide):
+    return {name: p.grad.clone() for name, p in guide.named_parameters() if p.grad is not None}
+
+
+def _tiny_budget(elbo):
+    """Force one component per chunk (the budget is below one component's cost)."""
+    elbo._planner.budget = 1
+    return elbo
+
+
+# ------------------------------------------------------------------------ measurement
+@pytest.mark.parametrize("value", [True, "1GiB", 1.5j])
+def test_a_budget_must_be_a_number(value):
+    with pytest.raises(TypeError, match="memory_budget"):
+        check_memory_budget(value)
+
+
+@pytest.mark.parametrize("value", [0, -5, float("nan"), float("inf")])
+def test_a_budget_must_be_positive_and_finite(value):
+    with pytest.raises(ValueError, match="memory_budget"):
+        check_memory_budget(value)
+
+
+def test_the_peak_counts_transient_tensors_and_not_older_ones():
+    held = torch.ones(4 * MIB // 4)  # allocated before: not counted
+
+    def work():
+        big = held * 2.0  # 4 MiB, freed before the end
+        small = big.sum()
+        del big
+        return small
+
+    peak, result = measure_peak(work)
+    assert result == 2.0 * held.numel()
+    assert 4 * MIB <= peak < 4 * MIB + 4096
+
+
+def test_the_planner_sizes_chunks_from_the_measured_cost_per_item():
+    def probe(m):  # 1 MiB fixed and 1 MiB per item, all alive at once
+        return torch.empty(MIB // 4), torch.empty(m * MIB // 4)
+
+    planner = ChunkPlanner(10 * MIB + 1000)
+    assert planner.size("k", 100, probe) == 9  # (10 MiB - 1 MiB fixed) / 1 MiB per item
+    assert planner.size("k", 100, lambda m: 1 / 0) == 9  # measured once per key
+    assert ChunkPlanner(None).size("k", 100, lambda m: 1 / 0) == 100
+    assert ChunkPlanner(10**12).size("k", 100, probe) == 100
+
+
+def test_an_item_over_the_budget_warns_and_runs_one_at_a_time():
+    planner = ChunkPlanner(MIB, "component")
+    with pytest.warns(ResourceWarning, match="over the memory budget"):
+        size = planner.size("k", 5, lambda m: torch.ones(m * MIB) + 0)
+    assert size == 1
+
+
+# ------------------------------------------------------------- chunked = unchunked
+@pytest.mark.parametrize("importance_weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_loss_and_grads_equal_the_unchunked_ones(monkeypatch, dtype, importance_weighted):
+    x, y = _data(dtype)
+    guide = AutoMixtureFlow(regression, num_components=5, flow="affine_coupling").setup(x, y)
+    _zero_noise(monkeypatch)
+    full = StratifiedELBO(
+        num_particles=2, importance_weighted=importance_weighted, memory_budget=None
+    )
+    expected_loss = full.loss_and_grads(regression, guide, x, y)
+    expected = _grads(guide)
+    guide.zero_grad()
+    elbo = StratifiedELBO(num_particles=2, importance_weighted=importance_weighted)
+    _tiny_budget(elbo)
+    with pytest.warns(ResourceWarning):
+        loss = elbo.loss_and_grads(regression, guide, x, y)
+    assert list(elbo._planner.sizes.values()) == [1]  # five chunks of one component
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert loss == pytest.approx(expected_loss, rel=rtol)
+    assert elbo.loss(regression, guide, x, y) == pytest.approx(expected_loss, rel=rtol)
+    got = _grads(guide)
+    assert got.keys() == expected.keys() and expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=rtol, atol=rtol, msg=name)
+    guide.zero_grad()
+    elbo.differentiable_loss(regression, guide, x, y).backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(_grads(guide)[name], grad, rtol=rtol, atol=rtol, msg=name)
+
+
+def test_chunks_inside_only_components_cover_that_share(monkeypatch):
+    x, y = _data()
+    guide = AutoMixtureFlow(regression, num_components=6).setup(x, y)
+    _zero_noise(monkeypatch)
+    full = StratifiedELBO(memory_budget=None)
+    with full.only_components([5, 1, 2]):
+        expected = full.loss(regression, guide, x, y)
+    elbo = _tiny_budget(StratifiedELBO())
+    with pytest.warns(ResourceWarning), elbo.only_components([5, 1, 2]):
+        assert elbo.loss(regression, guide, x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_chunked_natural_gradient_step_equals_the_unchunked_one(monkeypatch):
+    x, y = _data()
+    _zero_noise(monkeypatch)
+    after = []
+    for budget in (None, 1):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoMixtureFlow(regression, num_components=4).setup(x, y)
+        optim = pyro.optim.Adam({"lr": 0.1})
+        elbo = StratifiedELBO(memory_budget=budget)
+        step = natural_gradient_stepper(regression, guide, optim, elbo, 0.5, lambda: False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            losses = [step(x, y) for _ in range(3)]
+        state = {k: v.detach().clone() for k, v in guide.named_parameters()}
+        after.append((losses, state))
+    assert after[0][0] == pytest.approx(after[1][0], rel=1e-12)
+    for name, value in after[0][1].items():
+        torch.testing.assert_close(after[1][1][name], value, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "forward"])
+def test_chunked_balance_weights_equal_the_unchunked_ones(objective):
+    x, y = _data()
+    weights = []
+    for budget in (None, 1):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoMixtureFlow(regression, num_components=4, init_scale=0.3).setup(x, y)
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            weights.append(
+                balance_weights(
+                    regression,
+                    guide,
+                    x,
+                    y,
+                    num_particles=8,
+                    objective=objective,
+                    memory_budget=budget,
+                )
+            )
+    # chunks draw their noise in another order, so the draws differ: same weights up to
+    # Monte Carlo error between two sets of 8 draws per component
+    assert weights[0].shape == weights[1].shape == (4,)
+    torch.testing.assert_close(weights[0].sum(), weights[1].sum())
