@@ -31,6 +31,7 @@ from ..guides import AutoMixtureFlow
 from .budget import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
 from .stratified_chunks import particles_and_base, run_shares
+from .subsampling import subsampled_plates
 
 __all__ = ["MIN_WEIGHT", "WEIGHT_OBJECTIVES", "balance_weights", "natural_gradient_stepper"]
 
@@ -108,6 +109,7 @@ def balance_weights(
         :class:`~pyro_mogflow.StratifiedELBO`.
     :param kwargs: the model's keyword arguments.
     :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
+    :raises ValueError: if the model subsamples a plate (the weights need the full data).
     """
     if not isinstance(guide, AutoMixtureFlow) or guide.estimator != "stratified":
         raise TypeError(
@@ -120,6 +122,13 @@ def balance_weights(
     if objective not in WEIGHT_OBJECTIVES:
         raise ValueError(f"objective must be one of {WEIGHT_OBJECTIVES}, got {objective!r}")
     guide.setup(*args, **kwargs)
+    plates = subsampled_plates(model, guide, args, kwargs)
+    if plates:
+        raise ValueError(
+            f"balance_weights needs the full data, but the model subsamples plate(s) {plates}: "
+            "the importance weights of an N/b-scaled subsampled likelihood are biased. Pass "
+            "arguments that run the model on all of its data (e.g. subsample_size=None)."
+        )
     elbo = StratifiedELBO(num_particles=num_particles, memory_budget=memory_budget)
     (log_ratio, log_pi, _), base = particles_and_base(elbo, model, guide, args, kwargs)
     # The fixed-point loop runs in float64 on the (K n, K) table of component densities, held

@@ -107,6 +107,7 @@ from .recipe_checks import (
     _pathwise_hint,
 )
 from .stratified import StratifiedELBO
+from .subsampling import unless_subsampled
 from .tempering import Schedule, TemperedModel, exponential_schedule
 
 __all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
@@ -401,6 +402,8 @@ def fit(
                 stopped = step < num_steps - 1
                 break
         next_step = step + 1
+        if global_mixture and balance is not None and not stopped:
+            balance = unless_subsampled(model, guide, args, kwargs, balance)
         if global_mixture and balance is not None and not stopped:
             bar.set_description(f"{desc} (balancing weights)")
             bar.refresh()
