@@ -28,7 +28,7 @@ from pyro.infer.util import zero_grads
 from .._validation import check_int
 from ..distributions.density import component_log_prob
 from ..guides import AutoMixtureFlow
-from .budget import DEFAULT_MEMORY_BUDGET
+from .memory import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
 from .stratified_chunks import particles_and_base, run_shares
 from .subsampling import subsampled_plates

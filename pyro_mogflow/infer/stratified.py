@@ -32,7 +32,7 @@ from pyro.util import check_model_guide_match, warn_if_nan
 
 from ..distributions.mixture_flow import StratifiedSample, check_components
 from . import stratified_chunks
-from .budget import DEFAULT_MEMORY_BUDGET, ChunkPlanner, check_memory_budget
+from .memory import DEFAULT_MEMORY_BUDGET, ChunkPlanner, check_memory_budget
 from .stratified_sites import (
     _VECTORIZE_ADVICE,
     PARTICLE_PLATE,
@@ -140,7 +140,7 @@ class StratifiedELBO(ELBO):
     :param memory_budget: bytes of working memory one evaluation may take (default
         ``DEFAULT_MEMORY_BUDGET``, 1 GiB), or ``None`` for no limit. The components are
         evaluated in chunks whose size is measured on the first evaluation (see
-        :mod:`pyro_mogflow.infer.budget`): :meth:`loss_and_grads` backpropagates each chunk's
+        :mod:`pyro_mogflow.infer.memory`): :meth:`loss_and_grads` backpropagates each chunk's
         share of the ELBO as soon as it is built (same value and gradient as one evaluation);
         :meth:`differentiable_loss` recomputes each chunk in the backward pass
         (``torch.utils.checkpoint``); with ``importance_weighted=True`` a pass without

@@ -6,7 +6,7 @@ partition of the components into chunks :math:`S_1, \dots, S_c` splits it into s
 (:meth:`~pyro_mogflow.StratifiedELBO.only_components`) whose values and gradients add up to the
 whole: the loss sums the shares, and training backpropagates each share as soon as it is
 evaluated, so only one chunk's autograd graph is alive at a time. The chunk size is measured on
-the first evaluation (:class:`~pyro_mogflow.infer.budget.ChunkPlanner`).
+the first evaluation (:class:`~pyro_mogflow.infer.memory.ChunkPlanner`).
 
 The importance-weighted bound :math:`\log \frac1n \sum_{kt} \pi_k w_{kt}` does not split, but its
 gradient does: :math:`\nabla \log \sum_i e^{a_i} = \sum_i \operatorname{softmax}(a)_i \nabla a_i`.
@@ -27,7 +27,7 @@ from pyro import poutine
 from torch.utils.checkpoint import checkpoint
 
 from ..distributions.mixture_flow import check_components
-from .budget import shapes_key
+from .memory import shapes_key
 from .stratified_sites import _ComponentsChanged
 
 __all__: list = []

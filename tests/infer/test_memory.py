@@ -17,7 +17,7 @@ import torch
 
 from pyro_mogflow import AutoMixtureFlow, StratifiedELBO
 from pyro_mogflow.infer import balance_weights
-from pyro_mogflow.infer.budget import ChunkPlanner, check_memory_budget, measure_peak
+from pyro_mogflow.infer.memory import ChunkPlanner, check_memory_budget, measure_peak
 from pyro_mogflow.infer.mixture_weights import natural_gradient_stepper
 
 MIB = 2**20
