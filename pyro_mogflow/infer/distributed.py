@@ -43,7 +43,7 @@ import torch.distributed as dist
 from pyro.infer import SVI
 from pyro.infer.util import zero_grads
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .._validation import check_int, check_seed
@@ -258,7 +258,7 @@ class _ShardPlate(Messenger):
 
     def _pyro_sample(self, msg) -> None:
         fn, shard = msg["fn"], self.shard
-        if msg["name"] != shard.name or not isinstance(fn, _Subsample):
+        if msg["name"] != shard.name or not site_is_subsample(msg):
             return
         if int(fn.size) != shard.size:
             raise ValueError(
