@@ -13,6 +13,7 @@ r"""The mixture flow: a normalizing flow on a mixture of diagonal Gaussians, as 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -26,6 +27,39 @@ from .estimators import check_estimator, mixture_base
 from .mixture import mixture_marginal_quantiles
 
 __all__ = ["MixtureFlow", "StratifiedSample"]
+
+
+def check_components(components, num_components: int, device=None) -> torch.Tensor:
+    """Return ``components`` as a 1-D int64 tensor of distinct indices in ``[0, K)``, or raise.
+
+    :param components: a sequence or 1-D integer tensor of component indices, shape ``(m,)``.
+    :param int num_components: ``K``.
+    :return: shape ``(m,)``, dtype ``torch.long``, on ``device``.
+    """
+    if isinstance(components, torch.Tensor):
+        if components.dtype.is_floating_point or components.dtype == torch.bool:
+            raise TypeError(f"components must hold integer indices, got dtype {components.dtype}")
+        index = components.to(device=device, dtype=torch.long)
+    else:
+        try:
+            values = [operator.index(c) for c in components]
+        except TypeError:
+            raise TypeError(
+                "components must be a 1-D sequence or tensor of integer indices, got "
+                f"{components!r}"
+            ) from None
+        index = torch.tensor(values, dtype=torch.long, device=device)
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(
+            f"components must be a non-empty 1-D set of indices, got shape {tuple(index.shape)}"
+        )
+    if bool(((index < 0) | (index >= num_components)).any()):
+        raise ValueError(
+            f"components must be indices in [0, {num_components}), got {index.tolist()}"
+        )
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"components must be distinct, got {index.tolist()}")
+    return index
 
 
 class StratifiedSample(NamedTuple):
@@ -217,7 +251,12 @@ class MixtureFlow(TorchDistribution):
             y = x
         return self.base_dist.log_prob(y) - log_det
 
-    def stratified_rsample(self, num_particles: int, particle_dim: int) -> StratifiedSample:
+    def stratified_rsample(
+        self,
+        num_particles: int,
+        particle_dim: int,
+        components: torch.Tensor | None = None,
+    ) -> StratifiedSample:
         r"""``num_particles`` reparameterized draws from *every* component (stratified draw).
 
         The distribution must have been expanded (by a particle plate) to a batch shape
@@ -230,8 +269,16 @@ class MixtureFlow(TorchDistribution):
         weighting draw set :math:`k` by :math:`\pi_{bk}` gives the expectation over components
         exactly (Morningstar et al. 2021).
 
+        With ``components`` (``m`` distinct indices into the ``K`` components, shape ``(m,)``)
+        only those components are drawn: the batch shape must then be ``(m * n, *rest)``, draw
+        ``j * n + t`` comes from component ``components[j]``, ``log_weights`` has shape
+        ``(m, *rest)``, and ``log_q`` is still the density of the whole mixture flow. Draws of a
+        partition of the components, taken piece by piece, add up to the full stratified draw.
+
         :param int num_particles: ``n``, draws per component.
         :param int particle_dim: the negative batch dimension holding the ``K * n`` draws.
+        :param torch.Tensor components: optional indices of the components to draw, shape
+            ``(m,)`` (default: all ``K``, in order).
         :return: a :class:`StratifiedSample`.
         :raises ValueError: if the estimator is not ``"stratified"`` or the batch shape does not
             have ``K * n`` draws at ``particle_dim``.
@@ -247,12 +294,16 @@ class MixtureFlow(TorchDistribution):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
         if num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-        k, d = self.locs.shape[-2:]
+        k_all, d = self.locs.shape[-2:]
+        if components is not None:
+            components = check_components(components, k_all, self.locs.device)
+        k = k_all if components is None else components.numel()
         n = num_particles
         batch = self.batch_shape
         if len(batch) + particle_dim != 0 or batch[0] != k * n:
             raise ValueError(
-                f"stratified draws need the batch shape (K * n, *rest) = ({k * n}, ...) with the "
+                f"stratified draws need the batch shape ({'K' if components is None else 'm'} "
+                f"* n, *rest) = ({k * n}, ...) with the "
                 f"draws at particle_dim={particle_dim}, got batch shape {tuple(batch)}. Declare "
                 "every batch dimension of the guide's inputs with pyro.plate."
             )
@@ -264,13 +315,18 @@ class MixtureFlow(TorchDistribution):
                 f"{tuple(rest)} allow; declare each batch dim with pyro.plate"
             )
         pad = (1,) * (len(rest) - len(own))
-        # component-major means and scales, (K, 1, *pad, *own, D), aligned with the draws
-        locs = self.locs.movedim(-2, 0).reshape((k, 1) + pad + own + (d,))
-        scales = self.scales.movedim(-2, 0).reshape((k, 1) + pad + own + (d,))
+        # component-major means and scales, (m, 1, *pad, *own, D), aligned with the draws
+        locs, scales = self.locs.movedim(-2, 0), self.scales.movedim(-2, 0)
+        if components is not None:
+            locs, scales = locs[components], scales[components]
+        locs = locs.reshape((k, 1) + pad + own + (d,))
+        scales = scales.reshape((k, 1) + pad + own + (d,))
         eps = torch.randn((k, n) + rest + (d,), dtype=locs.dtype, device=locs.device)
         u = (locs + scales * eps).reshape((k * n,) + rest + (d,))
         log_q = mixture_log_prob(u, self.logits, self.locs, self.scales)
         z, log_det = self.push(u)
         log_weights = torch.log_softmax(self.logits, dim=-1).movedim(-1, 0)
+        if components is not None:
+            log_weights = log_weights[components]
         log_weights = log_weights.reshape((k,) + pad + own).expand((k,) + rest)
         return StratifiedSample(z, (log_q - log_det).expand(batch), log_weights, u)

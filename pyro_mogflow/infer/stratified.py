@@ -15,9 +15,12 @@ relaxation and no score function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import sys
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pyro
@@ -28,11 +31,12 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 
-from ..distributions.mixture_flow import StratifiedSample
+from ..distributions.mixture_flow import StratifiedSample, check_components
 from .stratified_sites import (
     _VECTORIZE_ADVICE,
     PARTICLE_PLATE,
     _Accumulator,
+    _ComponentsChanged,
     _stratified_site,
     _Stratify,
 )
@@ -61,6 +65,7 @@ class _Terms(NamedTuple):
     global_: torch.Tensor  # (K * n,): terms of sites outside those plates
     global_varies: bool
     sample: StratifiedSample
+    total: int  # K * n: the number of draws of the full stratified evaluation
 
 
 class StratifiedELBO(ELBO):
@@ -177,6 +182,7 @@ class StratifiedELBO(ELBO):
         self._probed: dict = {}
         self._draw_by_draw: set = set()  # (model, guide) pairs whose model does not vectorize
         self._latent_shapes: dict = {}  # model -> its latent sites' shapes, one draw at a time
+        self._components: torch.Tensor | None = None  # set by only_components()
         #: The :class:`~pyro_mogflow.distributions.StratifiedSample` of the last evaluation.
         self.last_sample: StratifiedSample | None = None
 
@@ -241,13 +247,23 @@ class StratifiedELBO(ELBO):
         its first failure and then evaluated draw by draw (``K * n`` model runs), with a warning
         that says how to vectorize it.
         """
-        name, k = self._probe(model, guide, args, kwargs)
+        name, k_all = self._probe(model, guide, args, kwargs)
         n = self.num_particles
         nesting = self.max_plate_nesting + 1
-        stratify = _Stratify(name, n, -nesting)
-        with stratify:
-            particles = pyro.plate(PARTICLE_PLATE, k * n, dim=-nesting)
-            guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        components = self._components
+        if components is not None:
+            components = check_components(components, k_all)
+        k = k_all if components is None else components.numel()
+        stratify = _Stratify(name, n, -nesting, k_all, components)
+        try:
+            with stratify:
+                particles = pyro.plate(PARTICLE_PLATE, k * n, dim=-nesting)
+                guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        except _ComponentsChanged:
+            # The guide's number of components changed since it was probed (e.g. pruned
+            # components): probe it again and evaluate anew.
+            self._probed.pop((id(model), id(guide)), None)
+            return self._terms(model, guide, args, kwargs)
         if stratify.sample is None:
             raise ValueError(f"the guide did not sample its stratified site {name!r} this step")
         sample = stratify.sample
@@ -294,7 +310,9 @@ class StratifiedELBO(ELBO):
         guide_trace = prune_subsample_sites(guide_trace)
         guide_trace.compute_log_prob()
         acc.add_trace(guide_trace, -1.0)
-        return _Terms(acc.local.reshape((k, n) + rest), acc.global_, acc.global_varies, sample)
+        return _Terms(
+            acc.local.reshape((k, n) + rest), acc.global_, acc.global_varies, sample, k_all * n
+        )
 
     def _model_draw_by_draw(
         self, model, guide_trace, args, kwargs, limit: int | None = None
@@ -370,9 +388,51 @@ class StratifiedELBO(ELBO):
             log_ratio, terms.sample.log_weights.reshape(k), terms.sample.value.reshape(k, n, d)
         )
 
+    @contextlib.contextmanager
+    def only_components(self, components) -> Iterator[StratifiedELBO]:
+        r"""Within this context, evaluate only the components ``components`` (a share of the ELBO).
+
+        Inside it, :meth:`loss`, :meth:`differentiable_loss`, :meth:`loss_and_grads` and
+        :meth:`particles` draw and score the ``n`` draws of the ``m`` listed components only,
+        and the objective is their share of the stratified ELBO,
+
+        .. math::
+            \widehat{\mathcal{L}}_S = \sum_{k \in S} \pi_k\, rac{1}{n} \sum_{t=1}^n
+                \log rac{p(x, z_{kt})}{q(z_{kt})} \;+\; rac{1}{K n}
+                \sum_{k \in S} \sum_{t=1}^n G_{kt},
+
+        where :math:`G` are the terms of sites outside the stratified site's plates (none for an
+        :class:`~pyro_mogflow.AutoMixtureFlow`). The shares of a partition of
+        :math:`\{0, \dots, K-1\}` add up to the full ELBO and, with independent noise, to an
+        estimate of its gradient with the same expectation: evaluating the components in chunks
+        bounds memory by the chunk, and ranks of a process group can each take a share.
+        ``log q`` stays the density of the whole mixture. Not available with
+        ``importance_weighted=True`` (the SIWAE bound does not split over components).
+
+        :param components: distinct component indices, a sequence or a 1-D integer tensor of
+            shape ``(m,)``.
+        :raises ValueError: if an index is out of range or repeated (checked against ``K`` at
+            the evaluation), or with ``importance_weighted=True``.
+        """
+        if self.importance_weighted:
+            raise ValueError(
+                "only_components: the importance-weighted (SIWAE) bound does not split over "
+                "components; use importance_weighted=False"
+            )
+        components = check_components(components, sys.maxsize)
+        previous = self._components
+        self._components = components
+        try:
+            yield self
+        finally:
+            self._components = previous
+
     def _objective(self, model, guide, args, kwargs) -> torch.Tensor:
         terms = self._terms(model, guide, args, kwargs)
         log_weights = terms.sample.log_weights
+        if self._components is not None:
+            share = terms.global_.sum() / terms.total
+            return (log_weights.exp() * terms.local.mean(1)).sum() + share
         if self.importance_weighted:
             if terms.global_varies:
                 raise ValueError(

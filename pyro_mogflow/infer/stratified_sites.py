@@ -115,6 +115,10 @@ def _stratified_site(guide, trace) -> tuple[str, int]:
     return sites[0]["name"], int(sites[0]["fn"].num_components)
 
 
+class _ComponentsChanged(Exception):
+    """The stratified site's number of components changed since it was probed (e.g. pruned)."""
+
+
 class _Stratify(Messenger):
     """Replace the draw at guide site ``name`` by a stratified draw from its mixture flow.
 
@@ -122,18 +126,31 @@ class _Stratify(Messenger):
     expanded it; the site becomes a ``Delta`` at the ``K * n`` draws carrying their exact log q.
     """
 
-    def __init__(self, name: str, num_particles: int, particle_dim: int):
+    def __init__(
+        self,
+        name: str,
+        num_particles: int,
+        particle_dim: int,
+        num_components: int,
+        components: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.name = name
         self.num_particles = num_particles
         self.particle_dim = particle_dim
+        self.num_components = num_components
+        self.components = components
         self.sample: StratifiedSample | None = None
         self.frames: tuple = ()
 
     def _pyro_sample(self, msg) -> None:
         if msg["name"] != self.name or msg["is_observed"] or msg["done"]:
             return
-        sample = msg["fn"].stratified_rsample(self.num_particles, self.particle_dim)
+        if int(msg["fn"].num_components) != self.num_components:
+            raise _ComponentsChanged(int(msg["fn"].num_components))
+        sample = msg["fn"].stratified_rsample(
+            self.num_particles, self.particle_dim, components=self.components
+        )
         event_dim = len(msg["fn"].event_shape)
         msg["fn"] = pyro.distributions.Delta(
             sample.value, log_density=sample.log_q, event_dim=event_dim
