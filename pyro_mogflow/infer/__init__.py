@@ -6,16 +6,18 @@
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 * :class:`DistributedSVI` -- data-parallel SVI on ``torch.distributed`` (``torchrun``), with
-  :func:`rank_subsample`, :func:`broadcast_parameters` and :func:`all_reduce_grads`.
+  :func:`rank_subsample`, :func:`broadcast_parameters` and :func:`all_reduce_grads`; or
+  component-parallel (:func:`rank_components`).
 """
 
-from .distributed import (
-    DistributedSVI,
+from .collectives import (
     all_reduce_grads,
     broadcast_parameters,
     rank_and_world_size,
+    rank_components,
     rank_subsample,
 )
+from .distributed import DistributedSVI
 from .max_entropy import MaxEntropyResult, fit_max_entropy
 from .mixture_weights import balance_weights
 from .recipe import FitResult, default_beta_schedule, fit
@@ -47,6 +49,7 @@ __all__ = [
     "fit_max_entropy",
     "linear_schedule",
     "rank_and_world_size",
+    "rank_components",
     "rank_subsample",
     "tempered",
 ]

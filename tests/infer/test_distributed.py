@@ -19,15 +19,10 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from pyro.infer import SVI
+from pyro.infer import SVI, Trace_ELBO
 
-from pyro_mogflow import AmortizedMixtureFlow, AutoMixtureFlow, StratifiedELBO
-from pyro_mogflow.infer.distributed import (
-    DistributedSVI,
-    all_reduce_grads,
-    broadcast_parameters,
-    rank_subsample,
-)
+from pyro_mogflow import AmortizedMixtureFlow, AutoMixtureFlow, DistributedSVI, StratifiedELBO
+from pyro_mogflow.infer import all_reduce_grads, broadcast_parameters
 
 N = 7  # not divisible by the world size: shares of 4 and 3 points
 WORLD = 2
@@ -50,11 +45,19 @@ def regression(x, y, subsample=None):
         pyro.sample("y", dist.Normal((x[idx] * w).sum(-1), sigma), obs=y[idx])
 
 
-def _amf(rank_seed):
+def _amf(rank_seed, num_components=3):
     torch.manual_seed(rank_seed)  # each rank its own init and flow permutations
     return AutoMixtureFlow(
-        regression, num_components=3, flow="affine_autoregressive", num_flows=2, init_scale=0.3
+        regression,
+        num_components=num_components,
+        flow="affine_autoregressive",
+        num_flows=2,
+        init_scale=0.3,
     )
+
+
+def _tensors(state):
+    return {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
 
 
 def _encoder(rank_seed):
@@ -109,9 +112,7 @@ def _worker(rank, port, out):
             size=N,
         )
         svi.setup(x, y)
-        result["amf_init"] = {
-            k: v.clone() for k, v in guide.state_dict().items() if torch.is_tensor(v)
-        }
+        result["amf_init"] = _tensors(guide.state_dict())
         pyro.set_rng_seed(0)  # the same draws on both ranks: the step equals one full-data step
         loss, _ = svi.loss_and_reduced_grads(x, y)
         result["amf_loss"] = loss
@@ -144,6 +145,19 @@ def _worker(rank, port, out):
         result["enc_loss"] = loss
         result["enc_grads"] = _grads(encoder.named_parameters())
         result["enc_grads"]["scale"] = _scale().grad.clone()
+        # --- component-parallel StratifiedELBO: K = 5 components over 2 ranks (3 + 2)
+        pyro.clear_param_store()
+        guide = _amf(300 + rank, num_components=5)
+        svi = DistributedSVI(
+            regression, guide, pyro.optim.Adam({"lr": 0.05}), StratifiedELBO(2),
+            parallel="components",
+        )  # fmt: skip
+        svi.setup(x, y)
+        result["comp_init"] = _tensors(guide.state_dict())
+        result["comp_share"] = svi.components
+        pyro.set_rng_seed(30 + rank)  # independent noise per share
+        result["comp_loss"], _ = svi.loss_and_reduced_grads(x, y)
+        result["comp_grads"] = _grads(guide.named_parameters())
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch_dist.destroy_process_group()
@@ -251,40 +265,6 @@ def test_amortized_guide_gradients_are_the_weighted_sum_of_the_shares(ranks):
 
 
 # ----------------------------------------------------------------------- one process
-def test_rank_subsample_splits_and_draws_disjoint_minibatches():
-    shares = [rank_subsample(7, rank=r, world_size=3) for r in range(3)]
-    assert [len(s) for s in shares] == [3, 2, 2]
-    assert torch.equal(torch.cat(shares), torch.arange(7))
-    batches = [
-        rank_subsample(
-            10, batch_size=3, generator=torch.Generator().manual_seed(5), rank=r, world_size=3
-        )
-        for r in range(3)
-    ]
-    union = torch.cat(batches)
-    assert len(union) == 9 and len(set(union.tolist())) == 9
-    assert torch.equal(rank_subsample(4), torch.arange(4))  # no process group: one rank
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"size": 0}, ValueError, "size"),
-        ({"size": 3, "world_size": 4}, ValueError, "world_size"),
-        ({"size": 3, "rank": 2, "world_size": 2}, ValueError, "rank"),
-        (
-            {"size": 6, "batch_size": 4, "world_size": 2, "generator": torch.Generator()},
-            ValueError,
-            "batch_size",
-        ),
-        ({"size": 6, "batch_size": 2}, TypeError, "generator"),
-    ],
-)
-def test_rank_subsample_bad_arguments(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        rank_subsample(**kwargs)
-
-
 def test_without_a_process_group_it_is_plain_svi():
     x, y = _data()
     runs = []
@@ -303,10 +283,35 @@ def test_without_a_process_group_it_is_plain_svi():
         runs.append((losses, guide.locs_unconstrained.detach().clone()))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-12)
     torch.testing.assert_close(runs[0][1], runs[1][1])
-    assert broadcast_parameters(guide) == 0
+    assert broadcast_parameters(guide) == 0  # one process: nothing to share
     p = torch.ones(2, requires_grad=True)
     all_reduce_grads([p])  # no gradient counts as zero
     assert torch.equal(p.grad, torch.zeros(2))
+
+
+def test_component_parallel_gradients_are_the_sum_of_the_component_shares(ranks):
+    """Rank r evaluated components C_r with seed 30 + r; the reduced gradient is the sum of
+    the shares' gradients, each computed here by StratifiedELBO.only_components."""
+    x, y = _data()
+    shares = [ranks[r]["comp_share"] for r in range(WORLD)]
+    assert [s.tolist() for s in shares] == [[0, 1, 2], [3, 4]]
+    guide = _amf(0, num_components=5)
+    guide.setup(x, y)
+    guide.load_state_dict(ranks[0]["comp_init"], strict=False)
+    total, expected = 0.0, {}
+    for rank, share in enumerate(shares):
+        pyro.set_rng_seed(30 + rank)
+        elbo = StratifiedELBO(2)
+        with elbo.only_components(share):
+            total += elbo.loss_and_grads(regression, guide, x, y)
+        for k, g in _grads(guide.named_parameters()).items():
+            expected[k] = expected.get(k, 0) + g
+        for p in guide.parameters():
+            p.grad = None
+    assert ranks[0]["comp_loss"] == pytest.approx(total, rel=1e-12)
+    assert ranks[1]["comp_loss"] == ranks[0]["comp_loss"]
+    _assert_close(ranks[0]["comp_grads"], expected)
+    _assert_close(ranks[1]["comp_grads"], expected)
 
 
 def test_bad_arguments_and_a_wrong_plate_name_raise():
@@ -321,6 +326,12 @@ def test_bad_arguments_and_a_wrong_plate_name_raise():
         DistributedSVI(regression, guide, torch.optim.Adam, elbo)
     with pytest.raises(TypeError, match="modules"):
         DistributedSVI(regression, guide, optim, elbo, modules=[3])
+    with pytest.raises(ValueError, match="parallel"):
+        DistributedSVI(regression, guide, optim, elbo, parallel="model")
+    with pytest.raises(TypeError, match="StratifiedELBO"):
+        DistributedSVI(regression, guide, optim, Trace_ELBO(), parallel="components")
+    with pytest.raises(ValueError, match="not the components"):
+        DistributedSVI(regression, guide, optim, elbo, parallel="components", plate="data", size=N)
     svi = DistributedSVI(regression, guide, optim, elbo, plate="obs", size=N)
     with pytest.raises(ValueError, match="no pyro.plate named 'obs'"):
         svi.setup(x, y)
