@@ -4,11 +4,13 @@ Launch (2 processes on CPU, gloo)::
 
     torchrun --nproc_per_node 2 -m benchmarks.distributed_svi --num-data 20000 --steps 300
     torchrun --nproc_per_node 2 -m benchmarks.distributed_svi --guide amortized
+    torchrun --nproc_per_node 2 -m benchmarks.distributed_svi --parallel components
     python -m benchmarks.distributed_svi        # one process: the same code, no process group
 
 On GPUs ``--device cuda`` uses NCCL with one GPU per process (``LOCAL_RANK``). Each rank
-evaluates its share of the ``data`` plate; :class:`pyro_mogflow.DistributedSVI` sums the
-gradients over ranks, so every rank takes the same step. At the end rank 0 prints the loss, the
+evaluates its share of the ``data`` plate (``--parallel components``: its share of the K
+components, on all the data); :class:`pyro_mogflow.DistributedSVI` sums the gradients over
+ranks, so every rank takes the same step. At the end rank 0 prints the loss, the
 time per step and whether the ranks' parameters are bit-identical.
 
 Models: ``auto``: logistic regression with ``D`` weights, ``AutoMixtureFlow`` (K components, an
@@ -66,6 +68,12 @@ def main(argv=None) -> None:
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=None, help="points per rank and step")
+    parser.add_argument(
+        "--parallel",
+        choices=["data", "components"],
+        default="data",
+        help="split the data plate (default) or the K components over the ranks",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -96,16 +104,11 @@ def main(argv=None) -> None:
                 pyro.sample("z", encoder(x[idx]))
 
         modules = (encoder,)
-    svi = DistributedSVI(
-        model,
-        guide,
-        optim,
-        StratifiedELBO(),
-        plate="data",
-        size=args.num_data,
-        batch_size=args.batch_size,
-        modules=modules,
-    )
+    if args.parallel == "data":
+        split = {"plate": "data", "size": args.num_data, "batch_size": args.batch_size}
+    else:
+        split = {"parallel": "components"}
+    svi = DistributedSVI(model, guide, optim, StratifiedELBO(), modules=modules, **split)
     svi.setup(*data)
     start = time.perf_counter()
     losses = [svi.step(*data) for _ in range(args.steps)]
@@ -118,7 +121,8 @@ def main(argv=None) -> None:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
     if rank == 0:
         print(
-            f"{args.guide}: {world} process(es), N={args.num_data}, {args.steps} steps: loss "
+            f"{args.guide}, {args.parallel}-parallel: {world} process(es), N={args.num_data}, "
+            f"K={args.components}, {args.steps} steps: loss "
             f"{losses[0]:.1f} -> {sum(losses[-10:]) / min(10, len(losses)):.1f}, "
             f"{1000 * seconds / args.steps:.1f} ms/step, ranks identical: {same}"
         )

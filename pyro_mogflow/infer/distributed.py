@@ -109,7 +109,9 @@ class _ShardPlate(Messenger):
 
 
 class DistributedSVI(SVI):
-    r"""Data-parallel :class:`~pyro.infer.SVI`: each rank evaluates its share of a data plate.
+    r"""SVI split over the ranks of a process group: shares of a data plate or of the components.
+
+    A subclass of Pyro's :class:`~pyro.infer.SVI`.
 
     Works for any guide whose parameters live in Pyro's param store or in modules:
     :class:`~pyro_mogflow.AutoMixtureFlow` with :class:`~pyro_mogflow.StratifiedELBO`, or a
