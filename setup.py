@@ -20,6 +20,8 @@ extras = {
         "matplotlib>=3.5",
         "scikit-learn>=1.1",
     ],
+    # fit_independent(..., executor="ray"); data-parallel SVI needs only torch.distributed
+    "distributed": ["ray>=2.9"],
     # the documentation site: bash scripts/build_docs.sh
     "docs": ["sphinx>=7", "myst-parser>=2", "jupytext>=1.14"],
 }

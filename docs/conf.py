@@ -63,7 +63,8 @@ nitpicky = True
 _EXTERNAL = (
     r"(torch|pyro|numpy|np|scipy|arviz|az|xarray|xr|matplotlib|sklearn|tqdm|pandas|typing"
     r"|typing_extensions|collections|collections\.abc|abc|enum|dataclasses|pathlib|os|io"
-    r"|numbers|types|functools|contextlib|warnings|weakref|argparse|builtins|copy|pickle|nn|dist)"
+    r"|numbers|types|functools|contextlib|warnings|weakref|argparse|builtins|copy|pickle|nn|dist"
+    r"|concurrent|multiprocessing|ray)"
 )
 _BUILTINS = (
     r"(int|float|bool|str|bytes|complex|list|tuple|dict|set|frozenset|object|type|None"

@@ -22,6 +22,7 @@ from .distributions import (
 from .flows import FLOWS, build_flow, register_flow
 from .guides import AmortizedMixtureFlow, AutoMixtureFlow
 from .infer import (
+    DistributedSVI,
     FitResult,
     Schedule,
     StratifiedELBO,
@@ -40,6 +41,7 @@ __all__ = [
     "AmortizedMixtureFlow",
     "AutoMixtureFlow",
     "DiagNormalMixture",
+    "DistributedSVI",
     "ESTIMATORS",
     "FLOWS",
     "FitResult",

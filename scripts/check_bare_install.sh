@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The package must import with its declared dependencies alone (no extras: no scipy, arviz,
-# xarray, matplotlib). Installs it into a fresh venv in .venv-bare (CPU torch first) and imports.
+# xarray, matplotlib, ray). Installs it into a fresh venv in .venv-bare (CPU torch first) and imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +16,7 @@ import sys
 
 import pyro_mogflow
 
-for name in ("scipy", "arviz", "xarray", "matplotlib"):
+for name in ("scipy", "arviz", "xarray", "matplotlib", "ray"):
     assert name not in sys.modules, f"import pyro_mogflow imported {name}"
 print(f"bare install imports pyro_mogflow {pyro_mogflow.__version__} without optional packages")
 PY

@@ -42,3 +42,6 @@ def test_every_example_runs_and_the_quick_start_finds_both_sign_modes(capsys):
     assert namespace["samples"]["sigma"].min() > 0
     assert namespace["samples"]["theta"].shape[0] == 1000
     assert namespace["report"] is not None
+    # Scaling out: the data-parallel loop ran (one process here) and the pooled fits exist.
+    assert namespace["dsvi"].world_size == 1 and torch.isfinite(torch.tensor(namespace["loss"]))
+    assert namespace["fits"].losses.shape == (2, 50)

@@ -5,8 +5,19 @@
 * :func:`balance_weights` and natural-gradient steps for the mixture weights.
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
+* :class:`DistributedSVI` -- data-parallel SVI on ``torch.distributed`` (``torchrun``), with
+  :func:`rank_subsample`, :func:`broadcast_parameters` and :func:`all_reduce_grads`; or
+  component-parallel (:func:`rank_components`).
 """
 
+from .collectives import (
+    all_reduce_grads,
+    broadcast_parameters,
+    rank_and_world_size,
+    rank_components,
+    rank_subsample,
+)
+from .distributed import DistributedSVI
 from .max_entropy import MaxEntropyResult, fit_max_entropy
 from .mixture_weights import balance_weights
 from .recipe import FitResult, default_beta_schedule, fit
@@ -21,18 +32,24 @@ from .tempering import (
 )
 
 __all__ = [
+    "DistributedSVI",
     "FitResult",
     "MaxEntropyResult",
     "Schedule",
     "StratifiedELBO",
     "StratifiedParticles",
     "TemperedModel",
+    "all_reduce_grads",
     "balance_weights",
+    "broadcast_parameters",
     "cosine_schedule",
     "default_beta_schedule",
     "exponential_schedule",
     "fit",
     "fit_max_entropy",
     "linear_schedule",
+    "rank_and_world_size",
+    "rank_components",
+    "rank_subsample",
     "tempered",
 ]
