@@ -23,6 +23,7 @@ from .flows import FLOWS, build_flow, register_flow
 from .guides import AmortizedMixtureFlow, AutoMixtureFlow
 from .infer import (
     FitResult,
+    MixtureNaturalGradient,
     Schedule,
     StratifiedELBO,
     TemperedModel,
@@ -45,6 +46,7 @@ __all__ = [
     "FitResult",
     "IndependentFits",
     "MixtureFlow",
+    "MixtureNaturalGradient",
     "RelaxedMixtureOfDiagNormals",
     "Schedule",
     "StratifiedELBO",

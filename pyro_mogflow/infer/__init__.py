@@ -2,12 +2,14 @@
 
 * :class:`StratifiedELBO` -- the ELBO (or SIWAE bound) with the sum over components exact.
 * :class:`TemperedModel`, :class:`Schedule` -- tempering of the target and annealing schedules.
-* :func:`balance_weights` and natural-gradient steps for the mixture weights.
+* :func:`balance_weights` and natural-gradient steps for the mixture weights; the same steps
+  as a Pyro optimiser for a plain ``SVI`` loop (:class:`MixtureNaturalGradient`).
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 """
 
 from .max_entropy import MaxEntropyResult, fit_max_entropy
+from .mixture_optim import MixtureNaturalGradient
 from .mixture_weights import balance_weights
 from .recipe import FitResult, default_beta_schedule, fit
 from .stratified import StratifiedELBO, StratifiedParticles
@@ -23,6 +25,7 @@ from .tempering import (
 __all__ = [
     "FitResult",
     "MaxEntropyResult",
+    "MixtureNaturalGradient",
     "Schedule",
     "StratifiedELBO",
     "StratifiedParticles",
