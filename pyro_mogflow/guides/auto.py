@@ -19,7 +19,7 @@ from ..flows import ForwardOnlyGuard, build_flow, check_flow, is_forward_only
 from .initialization import (
     DEFAULT_INIT_SCALE,
     check_init_spread,
-    init_to_median_or_zero,
+    init_to_prior_mean,
     prior_locs,
     resolve_init_spread,
     spread_locs,
@@ -212,13 +212,13 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         self.hidden_dims = hidden_dims
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
-        self._init_spread = resolve_init_spread(init_spread, init_loc_fn is not None, init_scale)
-        # components around a location the user asked for start symmetric about it
-        self._symmetric_spread = init_spread == "auto" and self._init_spread != "prior"
+        self._init_spread = resolve_init_spread(init_spread)
+        # fit() may set such a guide up at prior draws instead (see _start_at_prior)
+        self._auto_start = init_spread == "auto" and init_loc_fn is None and init_scale is None
         self.num_quantile_samples = num_quantile_samples
         self._explicit_name = name
         if init_loc_fn is None:
-            init_loc_fn = init_to_median_or_zero
+            init_loc_fn = init_to_prior_mean
         self._init_strategy = init_loc_fn
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
@@ -239,6 +239,15 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self
+
+    def _start_at_prior(self) -> bool:
+        """For :func:`~pyro_mogflow.fit`: a guide not set up yet whose start was left to
+        ``init_spread="auto"`` (no ``init_loc_fn``, no ``init_scale``) starts its component means
+        at prior draws, the start fit's mode finding needs. Returns whether it does."""
+        if self.prototype_trace is None and self._auto_start and self.num_components > 1:
+            self._init_spread = "prior"
+            return True
+        return False
 
     def _setup_prototype(self, *args, **kwargs):
         try:
@@ -279,7 +288,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         elif self._init_spread == "prior":
             locs = prior_locs(self.model, self.prototype_trace, loc, k, *args, **kwargs)
         else:
-            locs = spread_locs(loc, k, self._init_spread, symmetric=self._symmetric_spread)
+            locs = spread_locs(loc, k, self._init_spread)
         if scale is None:
             scale = DEFAULT_INIT_SCALE
         scales = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(k, d)

@@ -317,6 +317,7 @@ def fit(
     # samples a stratified mixture flow (e.g. an AmortizedMixtureFlow site) gets StratifiedELBO.
     global_mixture = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
     if isinstance(guide, AutoMixtureFlow):
+        guide._start_at_prior()  # an "auto" start means prior draws under fit (item 1 above)
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
         guide.check_model(model, *args, **kwargs)  # a guide set up for another model
     if optim is None:
