@@ -152,7 +152,7 @@ def summarise(runs: list) -> dict:
     out: dict = {}
     for run in runs:
         out.setdefault(run["target"], {}).setdefault(run["guide"], []).append(run)
-    for name, per in out.items():
+    for per in out.values():
         for guide, rs in per.items():
             ok = [r for r in rs if "metrics" in r]
             cell = {
@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = markdown(summary, meta)
     doc = {"meta": meta, "summary": summary, "runs": runs}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plain_loop")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", "plain_loop"
+    )
     save_report(doc, text, out, "plain_loop")
     print(text)
     return doc

@@ -212,7 +212,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         self.hidden_dims = hidden_dims
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
-        self._init_spread = resolve_init_spread(init_spread)
+        self._init_spread = resolve_init_spread(init_spread, self.estimator, init_scale)
+        self._symmetric_spread = init_spread == "auto"  # pathwise's offsets: antithetic
         # fit() may set such a guide up at prior draws instead (see _start_at_prior)
         self._auto_start = init_spread == "auto" and init_loc_fn is None and init_scale is None
         self.num_quantile_samples = num_quantile_samples
@@ -288,7 +289,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         elif self._init_spread == "prior":
             locs = prior_locs(self.model, self.prototype_trace, loc, k, *args, **kwargs)
         else:
-            locs = spread_locs(loc, k, self._init_spread)
+            locs = spread_locs(loc, k, self._init_spread, symmetric=self._symmetric_spread)
         if scale is None:
             scale = DEFAULT_INIT_SCALE
         scales = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(k, d)

@@ -31,7 +31,6 @@ INIT_SPREADS = ("auto", "prior")
 DEFAULT_INIT_SCALE = 0.1
 
 
-
 def check_init_spread(init_spread: object, num_components: int = 1) -> float | str:
     """Return ``init_spread`` (``"auto"``, ``"prior"`` or a finite float ``>= 0``), raising
     before any work.
@@ -76,7 +75,7 @@ def init_to_median_or_zero(site: dict | None = None):
 
 
 def init_to_prior_mean(site: dict | None = None):
-    """The default ``init_loc_fn``: the mean of the site's prior (given the values upstream)
+    r"""The default ``init_loc_fn``: the mean of the site's prior (given the values upstream)
     when it is finite and in the support, else its exact median where the distribution has an
     ``icdf``, else :func:`init_to_median_or_zero`.
 
@@ -97,7 +96,9 @@ def init_to_prior_mean(site: dict | None = None):
     return init_to_median_or_zero(site)
 
 
-def resolve_init_spread(init_spread: float | str) -> float | str:
+def resolve_init_spread(
+    init_spread: float | str, estimator: str = "stratified", init_scale: float | None = None
+) -> float | str:
     """What ``init_spread="auto"`` means when the guide sets itself up (its first call, as in a
     plain ``SVI`` loop): ``0.0``, every component mean at the initial location.
 
@@ -108,9 +109,15 @@ def resolve_init_spread(init_spread: float | str) -> float | str:
     from the rare steps that draw it. Under :class:`~pyro_mogflow.StratifiedELBO` each component
     gets its own draws, so they separate and can settle on different modes or shape one.
     (:func:`~pyro_mogflow.fit` sets an ``"auto"`` guide given neither ``init_loc_fn`` nor
-    ``init_scale`` up at ``"prior"`` instead.)
+    ``init_scale`` up at ``"prior"`` instead.) The exception is ``estimator="pathwise"``, whose
+    Pyro sampler is NaN when two means coincide: there the means are offset by ``init_scale``
+    (default :data:`DEFAULT_INIT_SCALE`) times antithetic normal draws.
     """
-    return 0.0 if init_spread == "auto" else init_spread
+    if init_spread != "auto":
+        return init_spread
+    if estimator == "pathwise":
+        return DEFAULT_INIT_SCALE if init_scale is None else init_scale
+    return 0.0
 
 
 def spread_locs(
