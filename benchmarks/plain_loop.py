@@ -11,7 +11,7 @@ row                                    training
 ``AMF + Trace_ELBO``                   ``SVI(model, AutoMixtureFlow(model), Adam, Trace_ELBO())``
 ``AMF + StratifiedELBO``               the same with ``StratifiedELBO()``
 ``AMF prior + StratifiedELBO``         ``AutoMixtureFlow(model, init_spread="prior")``: the
-                                       components at prior draws (the default start before 2026-11-29)
+                                       components at prior draws (the former default)
 ``AMF prior + NG + StratifiedELBO``    that guide, ``MixtureNaturalGradient(guide, Adam)``
 ``AMF prior + NG + Trace_ELBO``        the same under ``Trace_ELBO``
 ``fit()``                              ``fit(model, *args, num_steps=steps)`` (its own lr), the

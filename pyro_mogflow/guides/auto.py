@@ -96,7 +96,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
     :param int num_nested: inner draws of the nested density for ``"relaxed-nested"``.
     :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide
-        (default ``None``: :func:`~pyro_mogflow.guides.initialization.init_to_prior_mean`, the
+        (default ``None``: ``pyro_mogflow.guides.initialization.init_to_prior_mean``, the
         prior's mean, else its exact median, else for a site whose prior cannot be sampled,
         e.g. ``ImproperUniform``, the point that is zero in the unconstrained space).
     :param float init_scale: initial standard deviation of every component, in the

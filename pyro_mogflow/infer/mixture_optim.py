@@ -73,7 +73,7 @@ class MixtureNaturalGradient(PyroOptim):
         may still be un-set-up; its parameters are looked up at every step).
     :param PyroOptim optim: the optimiser for every other parameter (and the means and scales,
         after the division by :math:`\pi_k`).
-    :param float weight_step: :math:`\eta > 0` (default :data:`DEFAULT_WEIGHT_STEP`, as in
+    :param float weight_step: :math:`\eta > 0` (default 0.05, as in
         :func:`~pyro_mogflow.fit`).
 
     References:
