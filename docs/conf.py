@@ -75,7 +75,7 @@ _BUILTINS = (
     # types from torch, Pyro, NumPy, ArviZ and xarray named without their module:
     r"|ArrayLike|DataTree|Dataset|DataArray|ELPDData|InferenceData|Transform|TransformModule"
     r"|Distribution|TorchDistribution|ExpandedDistribution|Constraint|Module|Parameter"
-    r"|Generator|AutoGuide|AutoContinuous|ELBO|Trace_ELBO|PyroModule|PyroParam|ndarray)"
+    r"|Generator|AutoGuide|AutoContinuous|ELBO|Trace_ELBO|PyroModule|PyroParam|PyroOptim|ndarray)"
 )
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL + r"(\..*)?"),

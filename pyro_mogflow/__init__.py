@@ -24,6 +24,7 @@ from .guides import AmortizedMixtureFlow, AutoMixtureFlow
 from .infer import (
     DistributedSVI,
     FitResult,
+    MixtureNaturalGradient,
     Schedule,
     StratifiedELBO,
     TemperedModel,
@@ -47,6 +48,7 @@ __all__ = [
     "FitResult",
     "IndependentFits",
     "MixtureFlow",
+    "MixtureNaturalGradient",
     "RelaxedMixtureOfDiagNormals",
     "Schedule",
     "StratifiedELBO",

@@ -20,6 +20,7 @@ from .initialization import (
     DEFAULT_INIT_SCALE,
     check_init_spread,
     init_to_median_or_zero,
+    init_to_prior_mean,
     prior_locs,
     resolve_init_spread,
     spread_locs,
@@ -95,28 +96,32 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         calls made with gradients enabled (one per ``svi.step`` for a single particle).
     :param int num_nested: inner draws of the nested density for ``"relaxed-nested"``.
     :param callable init_loc_fn: a Pyro init strategy, as in every ``AutoContinuous`` guide
-        (default ``None``: ``init_to_median``, and for a site whose prior cannot be sampled,
+        (default ``None``: ``pyro_mogflow.guides.initialization.init_to_prior_mean``, the
+        prior's mean, else its exact median, else for a site whose prior cannot be sampled,
         e.g. ``ImproperUniform``, the point that is zero in the unconstrained space).
     :param float init_scale: initial standard deviation of every component, in the
-        unconstrained space (default ``None``: 0.1). Passing it (or ``init_loc_fn``) makes the
-        guide start around its initial location (see ``init_spread="auto"``).
-    :param init_spread: where the component means start. ``"prior"``: at ``K`` independent
-        draws of the model's prior (ancestral draws of every latent site, mapped to the
-        unconstrained space), so the components start spread over where the posterior can
-        live; a site whose distribution cannot be sampled (e.g. ``ImproperUniform``) is offset
-        from the initial location by standard normal noise instead, with a warning naming it.
-        A float
-        ``s``: at the initial location plus ``s`` times independent standard normal offsets,
-        so they never coincide. ``"auto"`` (default): ``"prior"`` when neither ``init_loc_fn``
-        nor ``init_scale`` is given (the mode-finding start :func:`~pyro_mogflow.fit` relies
-        on); otherwise the guide starts where it is told, as every Pyro autoguide does: the
-        means at the ``init_loc_fn`` location plus ``init_scale`` (0.1 if only ``init_loc_fn``
-        is given) times standard normal offsets in antithetic pairs :math:`\pm\epsilon`, each
-        component of scale ``init_scale``, so the mixture starts symmetric about that location
-        (its mean and every coordinate's median exactly there) with a spread of about
-        :math:`\sqrt 2\,` ``init_scale`` per coordinate. Pass
-        ``init_spread="prior"`` explicitly to combine a custom scale with the prior spread.
-        With ``K = 1`` the single mean is the initial location.
+        unconstrained space (default ``None``: 0.1, as ``AutoNormal``).
+    :param init_spread: where the component means start. ``"auto"`` (default): every mean at
+        the initial location (``init_loc_fn``'s point), so the guide starts as one Gaussian of
+        scale ``init_scale``, as ``AutoNormal`` does. In a plain ``SVI`` loop under
+        ``Trace_ELBO`` the components then get identical gradients and stay one Gaussian
+        (measured: components started apart, even by 1e-4, drift apart and each learns only
+        from the steps that draw it, which left the fit far behind ``AutoNormal``'s); under
+        :class:`~pyro_mogflow.StratifiedELBO` each component gets its own draws, so they
+        separate and can settle on nearby modes or shape a correlated one.
+        :func:`~pyro_mogflow.fit` sets a guide left at ``"auto"``, with neither ``init_loc_fn``
+        nor ``init_scale`` given, up at ``"prior"`` instead (its mode finding needs that
+        start). With ``estimator="pathwise"`` (Pyro's sampler is NaN when two means coincide)
+        ``"auto"`` offsets the means by ``init_scale`` times antithetic normal draws.
+        ``"prior"``: at ``K`` independent draws of the model's prior (ancestral draws of every
+        latent site, mapped to the unconstrained space), so the components start spread over
+        where the posterior can live -- the start for mode finding, with
+        :func:`~pyro_mogflow.fit` or, in a plain loop, with
+        :class:`~pyro_mogflow.MixtureNaturalGradient`; a site whose distribution cannot be
+        sampled (e.g. ``ImproperUniform``) is offset from the initial location by standard
+        normal noise instead, with a warning naming it. A float ``s >= 0``: at the initial
+        location plus ``s`` times independent standard normal offsets. With ``K = 1`` the
+        single mean is the initial location.
     :param int num_quantile_samples: samples used by :meth:`median` and :meth:`quantiles`.
     :param str name: prefix of the guide's names in Pyro's param store. By default the first
         free name among ``AutoMixtureFlow``, ``AutoMixtureFlow_1``, ... is taken when the guide
@@ -212,13 +217,14 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         self.hidden_dims = hidden_dims
         self.flow_kwargs = dict(flow_kwargs or {})
         self._init_scale = init_scale
-        self._init_spread = resolve_init_spread(init_spread, init_loc_fn is not None, init_scale)
-        # components around a location the user asked for start symmetric about it
-        self._symmetric_spread = init_spread == "auto" and self._init_spread != "prior"
+        self._init_spread = resolve_init_spread(init_spread, self.estimator, init_scale)
+        self._symmetric_spread = init_spread == "auto"  # pathwise's offsets: antithetic
+        # fit() may set such a guide up at prior draws instead (see _start_at_prior)
+        self._auto_start = init_spread == "auto" and init_loc_fn is None and init_scale is None
         self.num_quantile_samples = num_quantile_samples
         self._explicit_name = name
         if init_loc_fn is None:
-            init_loc_fn = init_to_median_or_zero
+            init_loc_fn = self._default_init
         self._init_strategy = init_loc_fn
         super().__init__(model, init_loc_fn=init_loc_fn)
         if create_plates is not None:
@@ -239,6 +245,26 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self
+
+    def _default_init(self, site: dict | None = None):
+        """The default init strategy: the prior mean for a start at one location; with the
+        prior spread (where it only seeds the prototype) the former default, the median of 15
+        prior draws, so a ``"prior"`` start, e.g. under :func:`~pyro_mogflow.fit`, draws the
+        very components it drew before the local default existed."""
+        if site is None:
+            return self._default_init
+        if self._init_spread == "prior":
+            return init_to_median_or_zero(site)
+        return init_to_prior_mean(site)
+
+    def _start_at_prior(self) -> bool:
+        """For :func:`~pyro_mogflow.fit`: a guide not set up yet whose start was left to
+        ``init_spread="auto"`` (no ``init_loc_fn``, no ``init_scale``) starts its component means
+        at prior draws, the start fit's mode finding needs. Returns whether it does."""
+        if self.prototype_trace is None and self._auto_start and self.num_components > 1:
+            self._init_spread = "prior"
+            return True
+        return False
 
     def _setup_prototype(self, *args, **kwargs):
         try:

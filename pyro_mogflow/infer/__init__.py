@@ -2,7 +2,8 @@
 
 * :class:`StratifiedELBO` -- the ELBO (or SIWAE bound) with the sum over components exact.
 * :class:`TemperedModel`, :class:`Schedule` -- tempering of the target and annealing schedules.
-* :func:`balance_weights` and natural-gradient steps for the mixture weights.
+* :func:`balance_weights` and natural-gradient steps for the mixture weights; the same steps
+  as a Pyro optimiser for a plain ``SVI`` loop (:class:`MixtureNaturalGradient`).
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 * :class:`DistributedSVI` -- data-parallel SVI on ``torch.distributed`` (``torchrun``), with
@@ -19,6 +20,7 @@ from .collectives import (
 )
 from .distributed import DistributedSVI
 from .max_entropy import MaxEntropyResult, fit_max_entropy
+from .mixture_optim import MixtureNaturalGradient
 from .mixture_weights import balance_weights
 from .recipe import FitResult, default_beta_schedule, fit
 from .stratified import StratifiedELBO, StratifiedParticles
@@ -35,6 +37,7 @@ __all__ = [
     "DistributedSVI",
     "FitResult",
     "MaxEntropyResult",
+    "MixtureNaturalGradient",
     "Schedule",
     "StratifiedELBO",
     "StratifiedParticles",

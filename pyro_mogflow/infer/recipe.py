@@ -4,9 +4,14 @@ A mixture guide can only find modes that its training lets it reach. :func:`fit`
 the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed, so that
 ``fit(model, *args)`` finds the modes of a posterior without tuning:
 
-1. **Components start over the prior.** The default guide, ``AutoMixtureFlow(model)``, places
-   its ``K = 64`` component means at independent draws of the model's prior
-   (``init_spread="prior"``).
+1. **Components start over the prior.** ``fit`` sets the default guide,
+   ``AutoMixtureFlow(model)``, up with its ``K = 64`` component means at independent draws of
+   the model's prior (``init_spread="prior"``); so it does any ``AutoMixtureFlow`` passed as
+   ``guide=`` that is not set up yet and was left at ``init_spread="auto"`` with neither
+   ``init_loc_fn`` nor ``init_scale`` (in a plain ``SVI`` loop such a guide starts as one
+   Gaussian at the prior mean instead). In a plain loop the same mode finding comes from
+   ``AutoMixtureFlow(model, init_spread="prior")`` trained with
+   :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
    over the first ``beta_fraction`` of the steps (:func:`default_beta_schedule`): the components
@@ -215,9 +220,11 @@ def fit(
     :param callable model: the Pyro model.
     :param args: the model's positional arguments (its data).
     :param guide: the guide to train; default a fresh :class:`~pyro_mogflow.AutoMixtureFlow`
-        with all its defaults. Any :class:`~pyro.infer.autoguide.AutoGuide` (or callable guide
-        with parameters) works; a mixture with ``estimator="stratified"`` is trained with
-        :class:`~pyro_mogflow.StratifiedELBO`, anything else with ``Trace_ELBO``.
+        with all its defaults, set up at prior draws (item 1 above; so is an
+        ``AutoMixtureFlow`` passed here un-set-up with ``init_spread="auto"`` and neither
+        ``init_loc_fn`` nor ``init_scale``). Any :class:`~pyro.infer.autoguide.AutoGuide` (or
+        callable guide with parameters) works; a mixture with ``estimator="stratified"`` is
+        trained with :class:`~pyro_mogflow.StratifiedELBO`, anything else with ``Trace_ELBO``.
     :param int num_steps: optimisation steps (default 2000).
     :param float lr: Adam's learning rate when ``optim`` is not given (default 0.02).
     :param flow_lr: Adam's learning rate for the flow of an
@@ -325,6 +332,7 @@ def fit(
     # samples a stratified mixture flow (e.g. an AmortizedMixtureFlow site) gets StratifiedELBO.
     global_mixture = isinstance(guide, AutoMixtureFlow) and guide.estimator == "stratified"
     if isinstance(guide, AutoMixtureFlow):
+        guide._start_at_prior()  # an "auto" start means prior draws under fit (item 1 above)
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
         guide.check_model(model, *args, **kwargs)  # a guide set up for another model
     if optim is None:

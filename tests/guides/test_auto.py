@@ -129,7 +129,7 @@ def _evidence_check(model, guide, dtype):
     constraint Jacobians, plate sizes) is the density of its samples and q covers the
     posterior. Trains briefly first so that importance sampling is efficient enough to tell."""
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
-    for _ in range(40):
+    for _ in range(60):
         svi.step()
     with torch.no_grad():
         result = WeighedPredictive(model, guide=guide, num_samples=3000, parallel=True)()

@@ -92,11 +92,27 @@ def test_init_scale_is_the_spread_the_guide_starts_with(init_scale):
     assert bool(((scale > 0.5 * init_scale) & (scale < 2.5 * init_scale)).all()), scale
 
 
-def test_defaults_still_spread_the_components_over_the_prior():
-    guide = AutoMixtureFlow(model, num_components=400).setup()
-    # prior draws of x ~ N(0, 1): standard deviation 1, far from a local start's 0.1 * sqrt(2)
-    assert abs(float(guide.locs.detach()[:, 0].std()) - 1.0) < 4 / math.sqrt(2 * 400)
+def test_defaults_start_every_component_at_the_prior_mean():
+    guide = AutoMixtureFlow(model, num_components=8).setup()
+    # x ~ N(0, 1), y ~ LogNormal(0, 1): prior means 0 and e^{1/2} (log: 1/2), as AutoNormal's
+    # one Gaussian of scale 0.1
+    expected = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64).expand(8, 3)
+    torch.testing.assert_close(guide.locs.detach(), expected)
     torch.testing.assert_close(guide.scales.detach(), torch.full_like(guide.scales, 0.1))
+
+
+def test_fit_starts_a_default_guide_at_prior_draws():
+    from pyro_mogflow import fit
+
+    guide = AutoMixtureFlow(model, num_components=400)
+    fit(model, guide=guide, num_steps=2, progress=False, callback=lambda *a: True)
+    # prior draws of x ~ N(0, 1): standard deviation 1 (one step of lr 0.02 moves a mean
+    # by at most 0.02)
+    assert abs(float(guide.locs.detach()[:, 0].std()) - 1.0) < 4 / math.sqrt(2 * 400) + 0.04
+    # a guide told where to start keeps that start under fit
+    told = AutoMixtureFlow(model, num_components=400, init_scale=0.1)
+    fit(model, guide=told, num_steps=2, progress=False, callback=lambda *a: True)
+    assert float(told.locs.detach()[:, 0].std()) < 0.05
 
 
 def test_prior_spread_can_be_combined_with_an_init_scale():
@@ -112,7 +128,7 @@ def test_improper_uniform_falls_back_with_the_default_init_loc_fn():
         pyro.sample("b", dist.Normal(5.0, 0.1))
 
     with pytest.warns(UserWarning, match=r"\['flat'\] cannot be sampled"):
-        guide = AutoMixtureFlow(flat_model, num_components=6).setup()
+        guide = AutoMixtureFlow(flat_model, num_components=6, init_spread="prior").setup()
     # the fallback initial location is zero in the unconstrained space: flat = exp(0) = 1
     torch.testing.assert_close(guide._init_loc()[:2], torch.zeros(2))
     assert bool(torch.isfinite(guide.locs).all())

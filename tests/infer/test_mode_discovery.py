@@ -28,14 +28,14 @@ def test_defaults_are_the_mode_discovery_defaults():
     assert params["num_components"].default == 64
     assert params["estimator"].default == "stratified"
     assert params["flow"].default is None
-    assert params["init_spread"].default == "auto"  # the prior spread unless told otherwise
+    assert params["init_spread"].default == "auto"  # fit(): the prior spread unless told otherwise
     assert params["init_loc_fn"].default is None and params["init_scale"].default is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prior_init_places_the_means_at_prior_draws(dtype):
     k = 2000
-    guide = AutoMixtureFlow(shifted_model, num_components=k).setup(dtype)
+    guide = AutoMixtureFlow(shifted_model, num_components=k, init_spread="prior").setup(dtype)
     locs = guide.locs.detach().double()
     assert locs.dtype == torch.float64 and guide.locs.dtype == dtype
     theta, log_s = locs[:, :2], locs[:, 2]
@@ -52,7 +52,7 @@ def test_prior_init_places_the_means_at_prior_draws(dtype):
 
 def test_prior_init_overrides_the_init_strategy():
     # init_to_median would put every draw near the prior median (spread ~2/sqrt(15)).
-    guide = AutoMixtureFlow(shifted_model, num_components=400).setup()
+    guide = AutoMixtureFlow(shifted_model, num_components=400, init_spread="prior").setup()
     assert float(guide.locs.detach()[:, 0].std()) > 1.5
 
 
@@ -72,7 +72,7 @@ def test_a_prior_that_cannot_be_sampled_falls_back_with_a_warning_naming_the_sit
 
 
 def test_prior_init_with_one_component_is_the_initial_location():
-    guide = AutoMixtureFlow(shifted_model, num_components=1).setup()
+    guide = AutoMixtureFlow(shifted_model, num_components=1, init_spread="prior").setup()
     assert torch.allclose(guide.locs.detach()[0], guide._init_loc().detach())
 
 
