@@ -20,6 +20,7 @@ import torch
 
 from ..guides import AutoMixtureFlow
 from ..guides.pruning import mergeable_groups, prune_and_merge
+from ..guides.summaries import group_components
 from .convergence import PlateauTest
 from .tempering import Schedule, exponential_schedule
 
@@ -111,13 +112,17 @@ class StepBudget:
                 return False
         if self.test is not None:
             guide = self.guide
-            weights = None
+            weights = groups = None
             if isinstance(guide, AutoMixtureFlow) and guide.prototype_trace is not None:
 
                 def weights():
                     return torch.softmax(guide.logits.detach(), -1)
 
-            if self.test.update(step, loss, beta, weights):
+                def groups():  # the modes, as components(...)["groups"] finds them
+                    found = group_components(guide.locs.detach(), guide.scales.detach(), weights())
+                    return [g["components"] for g in found]
+
+            if self.test.update(step, loss, beta, weights, groups):
                 self.reason = self.test.reason
                 return True
         return False

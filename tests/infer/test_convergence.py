@@ -54,6 +54,22 @@ def test_moving_masses_block_convergence():
     assert _run(PlateauTest(window=100), losses, lambda s: torch.tensor([0.3, 0.7])) is not None
 
 
+def test_mass_moving_between_copies_on_one_mode_does_not_block_convergence():
+    rng = np.random.default_rng(2)
+    losses = rng.normal(size=1500)
+
+    def shuffling(step):  # components 0 and 1 share one mode and trade its 0.4 of mass
+        a = 0.2 + 0.0002 * step
+        return torch.tensor([a, 0.4 - a, 0.6])
+
+    test = PlateauTest(window=100)
+    for step, loss in enumerate(losses):
+        if test.update(step, float(loss), 1.0, shuffling(step), lambda: [[0, 1], [2]]):
+            break
+    assert test.converged_at is not None
+    assert _run(PlateauTest(window=100), losses, shuffling) is None
+
+
 def test_steps_below_beta_one_restart_the_test():
     test = PlateauTest(window=10, patience=1)
     for step in range(100):
