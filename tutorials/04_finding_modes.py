@@ -80,8 +80,9 @@ def reverse_kl(guide, num_samples=4000):
 
 def draws(guide, n=1000):
     """n draws of z from any guide (vectorized)."""
-    predictive = Predictive(target.model, guide=guide, num_samples=n, parallel=True,
-                            return_sites=["z"])
+    predictive = Predictive(
+        target.model, guide=guide, num_samples=n, parallel=True, return_sites=["z"]
+    )
     with torch.no_grad():
         return predictive(*args, **kwargs)["z"].reshape(n, 2)
 
@@ -115,11 +116,16 @@ def modes_found(guide):
 #
 # Train `AutoNormal` and `AutoIAFNormal` the usual way.
 
+
 # %%
 def train(guide, steps=STEPS, particles=8):
     pyro.clear_param_store()
-    svi = SVI(target.model, guide, pyro.optim.Adam({"lr": 0.02}),
-              Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0))
+    svi = SVI(
+        target.model,
+        guide,
+        pyro.optim.Adam({"lr": 0.02}),
+        Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0),
+    )
     for _ in range(steps):
         svi.step(*args, **kwargs)
     return guide
@@ -148,8 +154,9 @@ show({"AutoNormal": draws(normal), "AutoIAFNormal": draws(iaf)})
 
 # %%
 pyro.set_rng_seed(0)
-plain = train(AutoMixtureFlow(target.model, num_components=K, estimator="implicit",
-                              init_spread=1.0))
+plain = train(
+    AutoMixtureFlow(target.model, num_components=K, estimator="implicit", init_spread=1.0)
+)
 print(f"plain mixture: modes found {modes_found(plain)}/9, KL(q||p) = {reverse_kl(plain):.3f}")
 show({"mixture, plain SVI": draws(plain)})
 
@@ -195,12 +202,21 @@ plt.show()
 # %%
 pyro.clear_param_store()
 pyro.set_rng_seed(0)
-guide, losses = fit(target.model, *args, guide=AutoMixtureFlow(target.model, num_components=K),
-                    num_steps=STEPS, model_kwargs=kwargs, progress=False)
+guide, losses = fit(
+    target.model,
+    *args,
+    guide=AutoMixtureFlow(target.model, num_components=K),
+    num_steps=STEPS,
+    model_kwargs=kwargs,
+    progress=False,
+)
 print(f"fit(): modes found {modes_found(guide)}/9, KL(q||p) = {reverse_kl(guide):.3f}")
 masses = target.mode_masses(draws(guide, 20000))
-print("mass near each mode:", [round(float(m), 3) for m in masses],
-      f"(exact {float(target.reference_masses[0]):.3f} each)")
+print(
+    "mass near each mode:",
+    [round(float(m), 3) for m in masses],
+    f"(exact {float(target.reference_masses[0]):.3f} each)",
+)
 show({"fit() with its defaults": draws(guide)})
 
 # %% [markdown]
@@ -227,11 +243,21 @@ for w, z in zip(found["weights"][order][:10], found["latent"][order][:10]):
 reg = sign_regression()
 pyro.clear_param_store()
 pyro.set_rng_seed(0)
-reg_guide, _ = fit(reg.model, *reg.args, guide=AutoMixtureFlow(reg.model, num_components=K),
-                   num_steps=STEPS, model_kwargs=reg.kwargs, progress=False)
+reg_guide, _ = fit(
+    reg.model,
+    *reg.args,
+    guide=AutoMixtureFlow(reg.model, num_components=K),
+    num_steps=STEPS,
+    model_kwargs=reg.kwargs,
+    progress=False,
+)
 theta = reg_guide.sample_posterior(20000, *reg.args, **reg.kwargs)["theta"]
-print("mass near theta = -1.5, +1.5:", [round(float(m), 3) for m in reg.mode_masses(theta)],
-      "exact:", [round(float(m), 3) for m in reg.reference_masses])
+print(
+    "mass near theta = -1.5, +1.5:",
+    [round(float(m), 3) for m in reg.mode_masses(theta)],
+    "exact:",
+    [round(float(m), 3) for m in reg.reference_masses],
+)
 plt.figure(figsize=(5, 3))
 plt.hist(theta.numpy(), bins=200, density=True, color="C3", alpha=0.7)
 plt.xlabel("theta")

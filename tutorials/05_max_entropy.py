@@ -108,7 +108,9 @@ for name, k in [("mixture base (K=8)", 8), ("normal base (K=1)", 1)]:
 
 def kl_to_exact(res):
     """KL(q || p*) = -H(q) - lambda . E_q[T] + log Z (exact identity for an exponential family)."""
-    return -res.entropy - float(torch.tensor([lam2, lam4], dtype=torch.float64) @ res.moments) + log_z
+    return (
+        -res.entropy - float(torch.tensor([lam2, lam4], dtype=torch.float64) @ res.moments) + log_z
+    )
 
 
 for name, res in fits.items():

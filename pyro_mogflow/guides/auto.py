@@ -401,6 +401,34 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
             )
         return {"weights": weights, "latent": latent, "values": values, "groups": groups}
 
+    # ------------------------------------------------------------ pruning
+    def prune(self, keep) -> torch.Tensor:
+        """Keep only the components ``keep`` (indices), weights renormalised; see
+        :func:`pyro_mogflow.guides.pruning.prune_and_merge`. Returns the pruned mass."""
+        from .pruning import prune_and_merge
+
+        if isinstance(keep, torch.Tensor):
+            keep = keep.reshape(-1).tolist()
+        if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
+            raise TypeError(f"keep must be a sequence of component indices, got {keep!r}")
+        return prune_and_merge(self, [[i] for i in keep])
+
+    def merge_components(self, groups=None) -> int:
+        """Merge components that sit on one mode by moment matching (``groups`` default:
+        :func:`pyro_mogflow.guides.pruning.mergeable_groups` of the current components); see
+        :func:`~pyro_mogflow.guides.pruning.prune_and_merge`. Returns the components removed."""
+        from .pruning import mergeable_groups, prune_and_merge
+
+        if self.prototype_trace is None:
+            raise RuntimeError("the guide is not set up yet; call guide.setup(*model_args)")
+        before = self.num_components
+        if groups is None:
+            groups = mergeable_groups(self.locs.detach(), self.scales.detach())
+            if len(groups) == before:
+                return 0
+        prune_and_merge(self, groups)
+        return before - self.num_components
+
     # ---------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.prototype_trace is None and any(k.startswith(prefix) for k in state_dict):

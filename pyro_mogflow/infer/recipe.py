@@ -14,7 +14,8 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
-   over the first ``beta_fraction`` of the steps (:func:`default_beta_schedule`): the components
+   over ``anneal_steps`` steps (with an int ``num_steps``: over its first ``beta_fraction``,
+   :func:`default_beta_schedule`): the components
    first fit the broad prior and then follow the posterior as it sharpens, landing on every mode
    instead of the one nearest to their start.
 3. **The exact expectation over components** (:class:`~pyro_mogflow.StratifiedELBO`) for an
@@ -38,6 +39,9 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    :meth:`StratifiedELBO.particles <pyro_mogflow.StratifiedELBO.particles>`.
 5. **Balanced weights.** After the last step, :func:`balance_weights` sets the weights once
    more from ``balance_particles`` draws per component.
+6. **A budget that follows the problem** (``num_steps="auto"``): at :math:`\beta = 1` the
+   components of negligible weight are pruned and those on one mode merged, and the fit stops
+   when the ELBO and the masses reach a plateau (:mod:`~pyro_mogflow.infer.budget`).
 
 A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
 then trained at ``flow_lr`` (``lr / 10``): in the benchmark a flow trained from the start, or at
@@ -100,6 +104,9 @@ from pyro.infer.util import zero_grads
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
+from .budget import StepBudget, auto_beta_schedule
+from .convergence import PlateauTest
+from .fit_result import FitResult
 from .memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
 from .mixture_weights import WEIGHT_OBJECTIVES, balance_weights, natural_gradient_stepper
 from .recipe_checks import (
@@ -116,41 +123,6 @@ from .subsampling import unless_subsampled
 from .tempering import Schedule, TemperedModel, exponential_schedule
 
 __all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
-
-
-class FitResult(tuple):
-    r"""What :func:`fit` returns; unpacks as ``guide, losses = fit(...)``.
-
-    :ivar guide: the fitted guide.
-    :ivar numpy.ndarray losses: the loss of every step this call ran, shape
-        ``(next_step - start_step,)``: the negative ELBO of the tempered model at that step's
-        :math:`\beta`.
-    :ivar optim: the Pyro optimiser used (pass it back with ``optim=`` to resume with the
-        same optimiser state).
-    :ivar int next_step: the first step not yet run (``num_steps`` when the fit completed).
-    :ivar bool stopped: whether ``callback`` stopped the fit before ``num_steps``.
-    """
-
-    def __new__(cls, guide, losses, *, optim=None, next_step: int | None = None, stopped=False):
-        self = super().__new__(cls, (guide, losses))
-        self.optim = optim
-        self.next_step = len(losses) if next_step is None else next_step
-        self.stopped = stopped
-        return self
-
-    @property
-    def guide(self):
-        return self[0]
-
-    @property
-    def losses(self) -> np.ndarray:
-        return self[1]
-
-    def __repr__(self) -> str:
-        return (
-            f"FitResult(guide={type(self.guide).__name__}, losses=<{len(self.losses)} steps>, "
-            f"next_step={self.next_step}, stopped={self.stopped})"
-        )
 
 
 def default_beta_schedule(
@@ -185,7 +157,11 @@ def fit(
     model: Callable,
     *args,
     guide=None,
-    num_steps: int = 2000,
+    num_steps: int | str = "auto",
+    max_steps: int = 10000,
+    anneal_steps: int = 1000,
+    prune: bool | None = None,
+    convergence: PlateauTest | None = None,
     lr: float = 0.02,
     flow_lr: float | None = None,
     optim=None,
@@ -213,9 +189,11 @@ def fit(
     .. code-block:: python
 
         guide = AutoMixtureFlow(model)                     # K = 64, stratified, prior init
-        tempered = TemperedModel(model, default_beta_schedule(2000), observed_only=True)
-        # 2000 Adam steps (lr 0.02) of StratifiedELBO on the tempered model, the logits moved
-        # by natural-gradient steps (eta 0.05), then balance_weights(..., objective="forward").
+        tempered = TemperedModel(model, auto_beta_schedule(1000), observed_only=True)
+        # Adam steps (lr 0.02) of StratifiedELBO on the tempered model, the logits moved by
+        # natural-gradient steps (eta 0.05), components pruned and merged every 100 steps at
+        # beta = 1, until PlateauTest() passes (at most 10000 steps), then
+        # balance_weights(..., objective="forward").
 
     :param callable model: the Pyro model.
     :param args: the model's positional arguments (its data).
@@ -225,7 +203,21 @@ def fit(
         ``init_loc_fn`` nor ``init_scale``). Any :class:`~pyro.infer.autoguide.AutoGuide` (or
         callable guide with parameters) works; a mixture with ``estimator="stratified"`` is
         trained with :class:`~pyro_mogflow.StratifiedELBO`, anything else with ``Trace_ELBO``.
-    :param int num_steps: optimisation steps (default 2000).
+    :param num_steps: ``"auto"`` (default): anneal over ``anneal_steps`` steps, then run at
+        :math:`\beta = 1` until ``convergence`` says the ELBO and the component masses have
+        stopped moving (:mod:`~pyro_mogflow.infer.convergence`), or until ``max_steps``; the
+        progress bar and :attr:`FitResult.reason` say which. An int: exactly that many steps
+        (the schedule anneals over ``beta_fraction`` of them; nothing pruned unless
+        ``prune=True``), as before the automatic budget.
+    :param int max_steps: the cap on the steps with ``num_steps="auto"`` (default 10000).
+    :param int anneal_steps: steps of the default tempering with ``num_steps="auto"`` (1000).
+    :param prune: prune negligible components and merge components on one mode every
+        ``convergence.window`` steps at :math:`\beta = 1`
+        (:func:`~pyro_mogflow.infer.budget.reduce_components`), so later steps cost less.
+        Default ``None``: on with ``num_steps="auto"``, off with an int.
+    :param convergence: the :class:`~pyro_mogflow.infer.convergence.PlateauTest` of
+        ``num_steps="auto"`` (default ``PlateauTest()``: windows of 100 steps, 2 standard
+        errors, masses within 0.01, 2 checks in a row).
     :param float lr: Adam's learning rate when ``optim`` is not given (default 0.02).
     :param flow_lr: Adam's learning rate for the flow of an
         :class:`~pyro_mogflow.AutoMixtureFlow` when ``optim`` is not given (default ``lr / 10``:
@@ -276,7 +268,19 @@ def fit(
     """
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-    num_steps = check_int("num_steps", num_steps, 1)
+    if num_steps != "auto":
+        num_steps = check_int("num_steps", num_steps, 1)
+    max_steps = check_int("max_steps", max_steps, 1)
+    anneal_steps = check_int("anneal_steps", anneal_steps, 1)
+    if prune is None:
+        prune = num_steps == "auto"
+    elif not isinstance(prune, bool):
+        raise TypeError(f"prune must be None or a bool, got {type(prune).__name__}")
+    if convergence is None:
+        convergence = PlateauTest()
+    elif not isinstance(convergence, PlateauTest):
+        raise TypeError(f"convergence must be a PlateauTest, got {type(convergence).__name__}")
+    total = max_steps if num_steps == "auto" else num_steps
     lr = check_real("lr", lr, minimum=0.0, strict=True)
     flow_lr = (
         lr / 10 if flow_lr is None else check_real("flow_lr", flow_lr, minimum=0.0, strict=True)
@@ -300,20 +304,23 @@ def fit(
         )
     start_step = check_int("start_step", start_step, 0)
     memory_budget = check_memory_budget(memory_budget)
-    if start_step >= num_steps:
+    if start_step >= total:
+        bound = "max_steps" if num_steps == "auto" else "num_steps"
         raise ValueError(
-            f"start_step must be < num_steps={num_steps} (the steps left to run are "
-            f"start_step, ..., num_steps - 1), got {start_step}"
+            f"start_step must be < {bound}={total} (the steps left to run are "
+            f"start_step, ..., {bound} - 1), got {start_step}"
         )
     kwargs = _model_kwargs(model, model_kwargs, model_keywords)
-    if beta == "auto":
+    if beta == "auto" and num_steps == "auto":
+        schedule = auto_beta_schedule(anneal_steps, beta_start)
+    elif beta == "auto":
         schedule = default_beta_schedule(num_steps, beta_start, beta_fraction)
     elif beta is None or callable(beta):
         schedule = beta
     else:
         schedule = _check_unit("beta", beta)
     if callable(schedule):
-        _check_schedule(schedule, start_step, num_steps)
+        _check_schedule(schedule, start_step, total)
     if optim is not None and not isinstance(optim, pyro.optim.PyroOptim):
         raise TypeError(
             f"optim must be a Pyro optimizer (pyro.optim.*), got {type(optim).__name__}"
@@ -370,11 +377,12 @@ def fit(
             zero_grads(params)
             return value
 
+    budget = StepBudget(num_steps, max_steps, convergence, prune and global_mixture, guide, optim)
     losses = []
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=num_steps,
+        total=total,
         initial=start_step,
         desc=desc,
         disable=not progress,
@@ -384,7 +392,7 @@ def fit(
     stopped = False
     step = start_step
     try:
-        for step in range(start_step, num_steps):
+        for step in range(start_step, total):
             beta_now = target.beta if isinstance(target, TemperedModel) else 1.0
             try:
                 value = float(step_fn(*args, **kwargs))
@@ -404,12 +412,18 @@ def fit(
             if isinstance(target, TemperedModel):
                 target.advance()
             bar.update()
-            if step % 50 == 0 or step == num_steps - 1:
+            if step % 50 == 0 or step == total - 1:
                 bar.set_postfix(loss=f"{value:.3g}", beta=f"{beta_now:.3g}", refresh=False)
             if callback is not None and callback(step, value, beta_now) is True:
-                stopped = step < num_steps - 1
+                stopped = step < total - 1
+                break
+            if budget.after_step(step, value, beta_now):
                 break
         next_step = step + 1
+        reason = budget.finish(next_step, stopped)
+        if num_steps == "auto":
+            k = f", K={guide.num_components}" if global_mixture else ""
+            bar.set_description(f"{desc} ({reason}{k})")
         if global_mixture and balance is not None and not stopped:
             balance = unless_subsampled(model, guide, args, kwargs, balance)
         if global_mixture and balance is not None and not stopped:
@@ -428,7 +442,13 @@ def fit(
         bar.close()
         _clear_grads(guide)
     return FitResult(
-        guide, np.asarray(losses, dtype=float), optim=optim, next_step=next_step, stopped=stopped
+        guide,
+        np.asarray(losses, dtype=float),
+        optim=optim,
+        next_step=next_step,
+        stopped=stopped,
+        reason=reason,
+        reductions=budget.reduced,
     )
 
 
