@@ -282,9 +282,8 @@ class MixtureFlow(TorchDistribution):
             ``(m,)`` (default: all ``K``, in order).
         :param bool antithetic: draw the noise in antithetic pairs (default False): with ``n``
             even, :math:`\epsilon_{k,t + n/2} = -\epsilon_{kt}` for :math:`t < n/2`, so each
-            component's draws are symmetric about its mean (an average over a pair is exact for
-            a function that is linear in :math:`u`, and its Stein/Price second-moment estimate
-            exact for a quadratic one).
+            component's draws are symmetric about its mean (the average of a function's gradient
+            over a pair is exact when the function is quadratic in :math:`u`).
         :return: a :class:`StratifiedSample`.
         :raises ValueError: if the estimator is not ``"stratified"`` or the batch shape does not
             have ``K * n`` draws at ``particle_dim``.

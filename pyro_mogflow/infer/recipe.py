@@ -95,8 +95,8 @@ from pyro.infer.util import zero_grads
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
-from .memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
 from .component_steps import check_component_step
+from .memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
 from .mixture_weights import WEIGHT_OBJECTIVES, balance_weights, natural_gradient_stepper
 from .recipe_checks import (
     _check_schedule,
