@@ -33,8 +33,9 @@ the whole mixture density, not the parameters), and estimates
 When :math:`h` is quadratic, :math:`\bar g_k` is exact and :math:`G_k` is
 :math:`\epsilon^2` times the exact value (unbiased), so both vanish exactly at the optimum of a
 Gaussian target: its fixed point carries no Monte Carlo error. With
-:math:`-\nabla^2 h = -\nabla^2 \log p_u + S_k` (one component), :math:`G_k = \Lambda - s_k` where :math:`\Lambda` is the target's (diagonal)
-precision, and the iBLR update (Lin, Schmidt & Khan 2020) is
+:math:`-\nabla^2 h = -\nabla^2 \log p_u + S_k` (one component), the exact :math:`G_k` is
+:math:`\Lambda - s_k` with :math:`\Lambda` the diagonal of the pulled-back target's precision
+:math:`-\nabla^2 \log p_u`, and the iBLR update (Lin, Schmidt & Khan 2020) is
 
 .. math::
     s_k \leftarrow s_k + b_k G_k + \frac{b_k^2}{2}\, \frac{G_k^2}{s_k}, \qquad
