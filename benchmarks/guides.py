@@ -169,10 +169,10 @@ GUIDES: dict[str, GuideSpec] = {
         family="ablation",
     ),
     "AMF adam": GuideSpec(
-        _amf("stratified"), {"component_step": "adam"}, stratified=True, family="amf"
+        _amf("stratified"), {"component_step": "adam"}, stratified=True, family="ablation"
     ),
     "AMF natural": GuideSpec(
-        _amf("stratified"), {"component_step": "natural"}, stratified=True, family="amf"
+        _amf("stratified"), {"component_step": "natural"}, stratified=True, family="ablation"
     ),
     "AMF no tempering": GuideSpec(
         _amf("stratified"), _NO_TEMPERING, stratified=True, family="ablation"
