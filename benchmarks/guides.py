@@ -23,6 +23,8 @@ row                      guide
                          ``Trace_ELBO``, no tempering
 ``AMF defaults``         ``pyro_mogflow.fit(model)``: every default of this package
 ``AMF <estimator>``      ``fit`` with ``AutoMixtureFlow(estimator=<estimator>)``, other defaults
+``AMF adam``, ``AMF natural``  ``fit(..., component_step="adam"`` / ``"natural")``, other
+                         defaults
 ``AMF spline flow``      ``fit`` with ``AutoMixtureFlow(flow=...)`` of :data:`FLOW` (ablation)
 ``AMF no tempering``     ``fit(..., beta=None)``, other defaults (ablation)
 ``AMF no natural grad``  ``fit(..., weight_step=None, balance=None)``, other defaults (ablation)
@@ -165,6 +167,12 @@ GUIDES: dict[str, GuideSpec] = {
         {},
         stratified=True,
         family="ablation",
+    ),
+    "AMF adam": GuideSpec(
+        _amf("stratified"), {"component_step": "adam"}, stratified=True, family="ablation"
+    ),
+    "AMF natural": GuideSpec(
+        _amf("stratified"), {"component_step": "natural"}, stratified=True, family="ablation"
     ),
     "AMF no tempering": GuideSpec(
         _amf("stratified"), _NO_TEMPERING, stratified=True, family="ablation"

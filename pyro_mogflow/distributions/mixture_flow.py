@@ -256,6 +256,7 @@ class MixtureFlow(TorchDistribution):
         num_particles: int,
         particle_dim: int,
         components: torch.Tensor | None = None,
+        antithetic: bool = False,
     ) -> StratifiedSample:
         r"""``num_particles`` reparameterized draws from *every* component (stratified draw).
 
@@ -279,6 +280,10 @@ class MixtureFlow(TorchDistribution):
         :param int particle_dim: the negative batch dimension holding the ``K * n`` draws.
         :param torch.Tensor components: optional indices of the components to draw, shape
             ``(m,)`` (default: all ``K``, in order).
+        :param bool antithetic: draw the noise in antithetic pairs (default False): with ``n``
+            even, :math:`\epsilon_{k,t + n/2} = -\epsilon_{kt}` for :math:`t < n/2`, so each
+            component's draws are symmetric about its mean (the average of a function's gradient
+            over a pair is exact when the function is quadratic in :math:`u`).
         :return: a :class:`StratifiedSample`.
         :raises ValueError: if the estimator is not ``"stratified"`` or the batch shape does not
             have ``K * n`` draws at ``particle_dim``.
@@ -294,6 +299,12 @@ class MixtureFlow(TorchDistribution):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
         if num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        if not isinstance(antithetic, bool):
+            raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__}")
+        if antithetic and num_particles % 2:
+            raise ValueError(
+                f"antithetic draws come in pairs: num_particles must be even, got {num_particles}"
+            )
         k_all, d = self.locs.shape[-2:]
         if components is not None:
             components = check_components(components, k_all, self.locs.device)
@@ -321,7 +332,11 @@ class MixtureFlow(TorchDistribution):
             locs, scales = locs[components], scales[components]
         locs = locs.reshape((k, 1) + pad + own + (d,))
         scales = scales.reshape((k, 1) + pad + own + (d,))
-        eps = torch.randn((k, n) + rest + (d,), dtype=locs.dtype, device=locs.device)
+        if antithetic:
+            half = torch.randn((k, n // 2) + rest + (d,), dtype=locs.dtype, device=locs.device)
+            eps = torch.cat([half, -half], 1)
+        else:
+            eps = torch.randn((k, n) + rest + (d,), dtype=locs.dtype, device=locs.device)
         u = (locs + scales * eps).reshape((k * n,) + rest + (d,))
         log_q = mixture_log_prob(u, self.logits, self.locs, self.scales)
         z, log_det = self.push(u)

@@ -3,7 +3,8 @@
 * :class:`StratifiedELBO` -- the ELBO (or SIWAE bound) with the sum over components exact.
 * :class:`TemperedModel`, :class:`Schedule` -- tempering of the target and annealing schedules.
 * :func:`balance_weights` and natural-gradient steps for the mixture weights; the same steps
-  as a Pyro optimiser for a plain ``SVI`` loop (:class:`MixtureNaturalGradient`).
+  as a Pyro optimiser for a plain ``SVI`` loop (:class:`MixtureNaturalGradient`);
+  natural-gradient (iBLR) steps for the components (:mod:`~pyro_mogflow.infer.component_steps`).
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 * :class:`DistributedSVI` -- data-parallel SVI on ``torch.distributed`` (``torchrun``), with

@@ -28,6 +28,7 @@ from pyro.infer.util import zero_grads
 from .._validation import check_int
 from ..distributions.density import component_log_prob
 from ..guides import AutoMixtureFlow
+from .component_steps import base_gradients, natural_component_deltas
 from .memory import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
 from .stratified_chunks import particles_and_base, run_shares
@@ -206,9 +207,21 @@ def _elbo_and_se(fixed, log_q, log_pi, ok_k, k: int, n: int) -> tuple[float, flo
 
 
 def natural_gradient_stepper(
-    model, guide, optim, elbo: StratifiedELBO, weight_step, freeze_flow, check=None
+    model,
+    guide,
+    optim,
+    elbo: StratifiedELBO,
+    weight_step,
+    freeze_flow,
+    check=None,
+    component_step: str = "adam",
 ):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
+
+    With ``component_step="natural"`` (``elbo`` drawing antithetic pairs) the means and scales
+    take the iBLR step of :mod:`pyro_mogflow.infer.component_steps` instead of ``optim``'s;
+    the proposed change is put in their ``.grad`` before ``check``, so a non-finite one is
+    refused like a non-finite gradient.
 
     The components are evaluated in chunks that fit ``elbo.memory_budget``, each chunk's
     share backpropagated at once; the per-component terms :math:`L_k` are gathered chunk by
@@ -218,13 +231,20 @@ def natural_gradient_stepper(
     leaves every parameter (and the optimiser's state) as it was.
     """
 
+    natural = component_step == "natural"
+
     def step(*args, **kwargs) -> float:
         def share(*_):  # one chunk of components (their L_k and log pi_k), backpropagated
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
+            base = grads = None
+            if natural:  # the draws' gradients wrt the base points, q's parameters fixed
+                base = elbo.last_sample.base
+                grads = base_gradients(log_ratio, base)
+                base = base.detach().reshape(grads.shape)
             terms = log_ratio.mean(-1)
             loss = -(log_pi.exp() * terms).sum()
             loss.backward()
-            return loss.detach(), terms.detach(), log_pi.detach()
+            return loss.detach(), terms.detach(), log_pi.detach(), base, grads
 
         with poutine.trace(param_only=True) as capture:
             parts = run_shares(elbo, model, guide, args, kwargs, share)
@@ -233,8 +253,22 @@ def natural_gradient_stepper(
         log_pi = torch.cat([p[2] for p in parts])
         named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         params = set(named.values())
+        moved = {}
+        if natural:
+            base = torch.cat([p[3] for p in parts])
+            grads = torch.cat([p[4] for p in parts])
+            for name, delta in natural_component_deltas(guide, base, grads).items():
+                leaf = _unconstrained(getattr(guide, name))
+                leaf.grad = -delta  # so that check() sees a non-finite step; never to optim
+                moved[name] = leaf
         if check is not None:
             check(loss, named)
+        if moved:
+            with torch.no_grad():
+                for leaf in moved.values():
+                    leaf.sub_(leaf.grad)
+                    leaf.grad = None
+                    params.discard(leaf)
         if weight_step is not None:
             # Component k's parameters get pi_k times the gradient of its own term L_k: divide
             # it out (the Fisher metric of the mixture scales each component's block by pi_k),
@@ -243,7 +277,7 @@ def natural_gradient_stepper(
             pi = log_pi.detach().exp().unsqueeze(-1)
             for name in ("locs", "scales"):
                 leaf = _unconstrained(getattr(guide, name))
-                if leaf.grad is not None:
+                if leaf.grad is not None and name not in moved:
                     leaf.grad.div_(pi)
             logits = _logits_param(guide)
             params.discard(logits)

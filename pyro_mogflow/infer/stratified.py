@@ -147,6 +147,10 @@ class StratifiedELBO(ELBO):
         gradients finds every draw's weight, then each chunk is backpropagated (exact gradient,
         twice the model runs; its :meth:`differentiable_loss` keeps every chunk's graph).
         :meth:`particles` is one evaluation, unchunked.
+    :param bool antithetic: draw each component's noise in antithetic pairs
+        :math:`\pm\epsilon` (``num_particles`` must be even; default False). The estimate stays
+        unbiased; terms linear in the noise cancel within a pair (used by the natural-gradient
+        component step of :func:`~pyro_mogflow.fit`).
 
     References:
 
@@ -162,6 +166,7 @@ class StratifiedELBO(ELBO):
         max_plate_nesting: int | float = float("inf"),
         retain_graph: bool | None = None,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+        antithetic: bool = False,
     ):
         if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
@@ -182,6 +187,12 @@ class StratifiedELBO(ELBO):
             if max_plate_nesting < 0:
                 raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting}")
             max_plate_nesting = int(max_plate_nesting)
+        if not isinstance(antithetic, bool):
+            raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__}")
+        if antithetic and num_particles % 2:
+            raise ValueError(
+                f"antithetic draws come in pairs: num_particles must be even, got {num_particles}"
+            )
         if retain_graph is not None and not isinstance(retain_graph, bool):
             raise TypeError(f"retain_graph must be a bool or None, got {retain_graph!r}")
         super().__init__(
@@ -191,6 +202,7 @@ class StratifiedELBO(ELBO):
             retain_graph=retain_graph,
         )
         self.importance_weighted = importance_weighted
+        self.antithetic = antithetic
         self.memory_budget = check_memory_budget(memory_budget)
         self._planner = ChunkPlanner(self.memory_budget, "component")
         self._chunking = False  # inside a chunked evaluation: a changed K is handled there
@@ -269,7 +281,7 @@ class StratifiedELBO(ELBO):
         if components is not None:
             components = check_components(components, k_all)
         k = k_all if components is None else components.numel()
-        stratify = _Stratify(name, n, -nesting, k_all, components)
+        stratify = _Stratify(name, n, -nesting, k_all, components, self.antithetic)
         try:
             with stratify:
                 particles = pyro.plate(PARTICLE_PLATE, k * n, dim=-nesting)

@@ -133,8 +133,10 @@ class _Stratify(Messenger):
         particle_dim: int,
         num_components: int,
         components: torch.Tensor | None = None,
+        antithetic: bool = False,
     ):
         super().__init__()
+        self.antithetic = antithetic
         self.name = name
         self.num_particles = num_particles
         self.particle_dim = particle_dim
@@ -149,7 +151,10 @@ class _Stratify(Messenger):
         if int(msg["fn"].num_components) != self.num_components:
             raise _ComponentsChanged(int(msg["fn"].num_components))
         sample = msg["fn"].stratified_rsample(
-            self.num_particles, self.particle_dim, components=self.components
+            self.num_particles,
+            self.particle_dim,
+            components=self.components,
+            **({"antithetic": True} if self.antithetic else {}),
         )
         event_dim = len(msg["fn"].event_shape)
         msg["fn"] = pyro.distributions.Delta(

@@ -70,6 +70,22 @@ def test_stratified_draw_per_batch_element():
     assert torch.allclose(sample.log_q, exact)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_antithetic_stratified_draws_mirror_each_other(dtype):
+    logits, locs, scales = _params(dtype)
+    k, n = 3, 4
+    q = MixtureFlow(logits, locs, scales, estimator="stratified").expand((k * n, 1))
+    base = q.stratified_rsample(n, particle_dim=-2, antithetic=True).base.reshape(k, n, 2)
+    eps = (base - locs.unsqueeze(1)) / scales.unsqueeze(1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(eps[:, 2:], -eps[:, :2], rtol=0, atol=tol)
+    assert float(eps[:, :2].abs().min()) > 0  # the first half is random, not zero
+    with pytest.raises(ValueError, match="even"):
+        MixtureFlow(logits, locs, scales, estimator="stratified").expand(
+            (k * 3, 1)
+        ).stratified_rsample(3, particle_dim=-2, antithetic=True)
+
+
 def test_stratified_draw_needs_the_particle_batch():
     logits, locs, scales = _params(torch.float64)
     q = MixtureFlow(logits, locs, scales, estimator="stratified").expand((5,))
