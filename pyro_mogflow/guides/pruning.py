@@ -179,7 +179,7 @@ def prune_and_merge(guide, groups) -> torch.Tensor:
     kept mass. ``[[i] for i in keep]`` prunes, ``mergeable_groups(...)`` merges. The guide's
     ``locs``, ``scales`` and ``logits`` are recreated with ``K' = len(groups)`` rows (new
     parameters: an optimiser gives them fresh state; the flow's parameters are untouched) and
-    :attr:`~pyro_mogflow.AutoMixtureFlow.num_components` becomes ``K'``. Everything is checked
+    ``guide.num_components`` becomes ``K'``. Everything is checked
     and computed before the guide changes; on an error it is left as it was.
 
     :param AutoMixtureFlow guide: a set-up guide.
