@@ -173,6 +173,46 @@ class ChunkPlanner:
             start = stop
         return results
 
+    def split(self, key, total: int, parts: int, probe: Callable[[int], Any]) -> tuple[int, int]:
+        """``(items, parts)`` per chunk for ``total`` items of ``parts`` parts each (a component
+        of ``n`` draws), measured on first use by ``probe(m)``: ``m`` = 1, 2 parts of one item
+        (results discarded).
+
+        Chunks hold whole items while one item fits the budget; otherwise one item at a time,
+        split into pieces of as many parts as fit (the draws of a component are independent,
+        so they can be evaluated piece by piece). A single part over the budget warns and runs
+        one part at a time.
+        """
+        if self.budget is None:
+            return total, parts
+        plan = self.sizes.get(key)
+        if plan is not None:
+            return plan
+        if total == 1 and parts == 1:
+            plan = self.sizes[key] = (1, 1)
+            return plan
+        one = measure_peak(lambda: probe(1))[0]
+        two = measure_peak(lambda: probe(2))[0]
+        per_part = max(two - one, 1)
+        fixed = max(one - per_part, 0)
+        fit = (self.budget - fixed) // per_part
+        if fit < 1:
+            warnings.warn(
+                f"one draw of one {self.what} needs about {fixed + per_part:,} bytes of working "
+                f"memory, over the memory budget of {self.budget:,} bytes; evaluating one draw "
+                "at a time (raise memory_budget, or lower the data per step, e.g. with a "
+                "subsampled plate)",
+                ResourceWarning,
+                stacklevel=4,
+            )
+            plan = (1, 1)
+        elif fit < parts:
+            plan = (1, int(fit))
+        else:
+            plan = (int(min(total, fit // parts)), parts)
+        self.sizes[key] = plan
+        return plan
+
     def size(self, key, total: int, probe: Callable[[int], Any]) -> int:
         """The chunk size for ``key``, measured on first use by ``probe(m)`` (``m`` = 1, 2 items,
         results discarded)."""

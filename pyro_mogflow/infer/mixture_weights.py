@@ -219,18 +219,28 @@ def natural_gradient_stepper(
     """
 
     def step(*args, **kwargs) -> float:
-        def share(*_):  # one chunk of components (their L_k and log pi_k), backpropagated
+        n = elbo.num_particles
+
+        def share(comps, _):  # a chunk of components, or of one's draws, backpropagated
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
-            terms = log_ratio.mean(-1)
-            loss = -(log_pi.exp() * terms).sum()
+            sums = log_ratio.sum(-1)  # this chunk's part of n L_k
+            loss = -(log_pi.exp() * sums).sum() / n
             loss.backward()
-            return loss.detach(), terms.detach(), log_pi.detach()
+            return loss.detach(), comps, sums.detach(), log_pi.detach()
 
         with poutine.trace(param_only=True) as capture:
             parts = run_shares(elbo, model, guide, args, kwargs, share)
         loss = sum(p[0] for p in parts)
-        terms = torch.cat([p[1] for p in parts])
-        log_pi = torch.cat([p[2] for p in parts])
+        if len(parts) == 1:
+            terms, log_pi = parts[0][2] / n, parts[0][3]
+        else:
+            index = torch.cat([p[1] for p in parts]).to(parts[0][2].device)
+            k = int(index.max()) + 1
+            terms = parts[0][2].new_zeros(k).index_add_(0, index, torch.cat([p[2] for p in parts]))
+            terms = terms / n
+            log_pi = (
+                parts[0][3].new_zeros(k).index_copy_(0, index, torch.cat([p[3] for p in parts]))
+            )
         named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         params = set(named.values())
         if check is not None:
