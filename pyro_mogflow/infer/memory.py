@@ -24,6 +24,7 @@ working memory.
 from __future__ import annotations
 
 import numbers
+import tracemalloc
 import warnings
 import weakref
 from collections.abc import Callable
@@ -33,7 +34,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "ChunkPlanner", "check_memory_budget", "measure_peak"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ChunkPlanner",
+    "check_memory_budget",
+    "measure_peak",
+    "measure_traced_peak",
+]
 
 #: The default working-memory budget of one vectorized evaluation, in bytes (1 GiB).
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -108,6 +115,27 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
         torch.cuda.synchronize(device)
         peak = max(peak, torch.cuda.max_memory_allocated(device) - before)
     return int(peak), result
+
+
+def measure_traced_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn()`` and measure the peak bytes it allocates on the host through Python's
+    allocators (NumPy arrays included), with :mod:`tracemalloc`.
+
+    :return: ``(peak bytes above what was allocated before, fn's result)``. If tracemalloc was
+        already tracing, it keeps tracing afterwards (its peak is reset).
+    """
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    return int(max(peak, 0)), result
 
 
 class ChunkPlanner:
