@@ -13,6 +13,16 @@ and records the peak bytes of the tensors each run allocates (:func:`measure_pea
     \text{chunk} = \max\Big(1, \Big\lfloor \frac{\text{budget} - \text{fixed}}
         {\text{per item}} \Big\rfloor\Big).
 
+When one item does not fit, :meth:`ChunkPlanner.split` cuts it into parts: a component's
+:math:`n` draws are independent, so they are evaluated in pieces (probed at one and two draws)
+and joined along :math:`n`. The same budget (``memory_budget=``, default
+:data:`DEFAULT_MEMORY_BUDGET`) bounds every vectorized evaluation of the package: the training
+steps and :func:`~pyro_mogflow.infer.balance_weights` (chunks of components or of draws), and
+the export and diagnostics (:func:`~pyro_mogflow.to_inference_data` and
+:func:`~pyro_mogflow.vi_diagnostics` in batches of draws, :func:`~pyro_mogflow.vi_loo` in
+blocks of observations measured by :func:`measure_traced_peak`). What it bounds is working
+memory: results that are themselves ``draws x N`` (an export's ``log_likelihood``) are not.
+
 The measurement counts the storage of every tensor created while it runs, freed or not
 (a ``TorchDispatchMode`` that follows each storage until it is released, so transients such as
 the ``K n N D`` product count), and on CUDA also ``torch.cuda.max_memory_allocated``, which sees

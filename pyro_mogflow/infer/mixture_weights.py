@@ -106,7 +106,8 @@ def balance_weights(
     :param str objective: ``"elbo"`` (default) or ``"forward"``.
     :param memory_budget: bytes of working memory for the model's evaluation (default 1 GiB;
         ``None``: no limit): the components are evaluated in chunks, as in
-        :class:`~pyro_mogflow.StratifiedELBO`.
+        :class:`~pyro_mogflow.StratifiedELBO`, and a component whose ``n`` draws do not fit
+        in pieces of its draws (the ``K n`` results, a few numbers per draw, are kept).
     :param kwargs: the model's keyword arguments.
     :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
     :raises ValueError: if the model subsamples a plate (the weights need the full data).
