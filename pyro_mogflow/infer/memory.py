@@ -129,7 +129,7 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
 
 def measure_traced_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``fn()`` and measure the peak bytes it allocates on the host through Python's
-    allocators (NumPy arrays included), with :mod:`tracemalloc`.
+    allocators (NumPy arrays included), with ``tracemalloc``.
 
     :return: ``(peak bytes above what was allocated before, fn's result)``. If tracemalloc was
         already tracing, it keeps tracing afterwards (its peak is reset).

@@ -427,8 +427,8 @@ class StratifiedELBO(ELBO):
         and the objective is their share of the stratified ELBO,
 
         .. math::
-            \widehat{\mathcal{L}}_S = \sum_{k \in S} \pi_k\, rac{1}{n} \sum_{t=1}^n
-                \log rac{p(x, z_{kt})}{q(z_{kt})} \;+\; rac{1}{K n}
+            \widehat{\mathcal{L}}_S = \sum_{k \in S} \pi_k\, \frac{1}{n} \sum_{t=1}^n
+                \log \frac{p(x, z_{kt})}{q(z_{kt})} \;+\; \frac{1}{K n}
                 \sum_{k \in S} \sum_{t=1}^n G_{kt},
 
         where :math:`G` are the terms of sites outside the stratified site's plates (none for an
