@@ -3,8 +3,9 @@
 Each case runs in its own subprocess; its peak resident memory (VmHWM, as the kernel counts it,
 Python and torch included) is read from /proc after fit() and, reset in between, after the
 export (1000 draws, without the log_likelihood and posterior_predictive groups, which are
-draws x N outputs), and on CUDA also torch.cuda.max_memory_allocated. The model is logistic regression with D weights written the
-vectorized way, ``(X * w).sum(-1)``; the data X (N x D, float32) is part of the peak.
+draws x N outputs), and on CUDA also torch.cuda.max_memory_allocated. The model is logistic
+regression with D weights written the vectorized way, ``(X * w).sum(-1)``; the data X (N x D,
+float32) is part of the peak. README "Memory: bounded by a budget" has the table.
 
     OMP_NUM_THREADS=1 python -m benchmarks.memory                  # N = 1e4, 1e5, 1e6
     python -m benchmarks.memory --sizes 10000 --steps 5 --budget 268435456
