@@ -1,8 +1,8 @@
 r"""Drawing from fitted guides and scoring each draw under the model, for the ArviZ export.
 
-For one guide (one chain), ``_draw_chain`` draws :math:`z_s \sim q` ``batch_size`` at a time
-in an outer ``pyro.plate`` over draws (or one at a time, unbatched, with ``batch_size=1``),
-runs the model conditioned on each draw and returns, per draw: the latent and deterministic
+For one guide (one chain), ``_draw_chain`` draws :math:`z_s \sim q` in an outer ``pyro.plate``
+over draws (or one at a time, unbatched, with ``batch_size=1``), runs the model conditioned on
+the draws in batches that fit a memory budget and returns, per draw: the latent and deterministic
 values, ``lp`` :math:`= \log p(x, z_s)`, :math:`\log q(z_s)` of the constrained draw, pointwise
 log-likelihoods and log-priors, and fresh posterior-predictive draws of the observed sites.
 
@@ -271,15 +271,34 @@ def _vectorized(n: int, mpn: int | None):
         ) from e
 
 
-def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
-    """``n`` draws of one guide with everything the groups need (``mpn=None``: unbatched)."""
+def _draw_guide(guide, n, mpn, args, kwargs) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """``n`` draws of one guide: ``(values, log q, component or None)`` (``mpn=None``: one
+    draw, unbatched)."""
+    if isinstance(guide, AutoMixtureFlow):
+        return _mixture_flow_draws(guide, n, mpn)
+    return (*_guide_draws(guide, n, mpn, args, kwargs), None)
+
+
+def _slice_draws(drawn, n: int, mpn: int, start: int, stop: int):
+    """Draws ``start:stop`` of the ``n`` batched guide draws ``drawn`` (values whose first dim
+    is not the draws dim are constant across draws and kept whole)."""
+    values, log_q, component = drawn
+
+    def cut(v):
+        return v[start:stop] if v.dim() > mpn and v.shape[0] == n else v
+
+    return (
+        {k: cut(v) for k, v in values.items()},
+        log_q[start:stop],
+        None if component is None else component[start:stop],
+    )
+
+
+def _draw_batch(model, args, kwargs, drawn, n, sites, mpn, want):
+    """Everything the groups need from ``n`` guide draws ``drawn`` (``mpn=None``: unbatched)."""
     latent_names = [s.name for s in sites.values() if s.kind == "latent"]
     observed = [s.name for s in sites.values() if s.kind == "observed"]
-    component = None
-    if isinstance(guide, AutoMixtureFlow):
-        values, log_q, component = _mixture_flow_draws(guide, n, mpn)
-    else:
-        values, log_q = _guide_draws(guide, n, mpn, args, kwargs)
+    values, log_q, component = drawn
     data = {k: v for k, v in values.items() if k in sites and sites[k].kind == "latent"}
     with _vectorized(n, mpn):
         trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
@@ -326,12 +345,36 @@ def _draw_batch(guide, model, args, kwargs, n, sites, mpn, want):
     )
 
 
-def _draw_chain(guide, model, args, kwargs, num_samples, batch_size, sites, mpn, want):
-    parts = []
-    batched_mpn = None if batch_size == 1 else mpn
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        parts.append(_draw_batch(guide, model, args, kwargs, n, sites, batched_mpn, want))
+def _draw_chain(guide, model, args, kwargs, num_samples, batch_size, sites, mpn, want, planner):
+    """One chain of ``num_samples`` draws. The guide is drawn once for all of them (its draws
+    are the ``posterior`` group's size); the model then runs ``batch_size`` draws at a time,
+    or, with ``batch_size=None``, in batches that ``planner`` (a
+    :class:`~pyro_mogflow.infer.memory.ChunkPlanner`) sizes to its memory budget from the
+    measured cost of one and two draws. The model's evaluation of a draw takes no random
+    numbers (except the posterior predictive and latent sites the guide leaves out), so the
+    batch size does not change the draws, ``lp``, ``lp_approx`` or the log-likelihoods."""
+    if batch_size == 1:  # each draw alone, unbatched
+        parts = [
+            _draw_batch(
+                model, args, kwargs, _draw_guide(guide, 1, None, args, kwargs), 1, sites, None, want
+            )
+            for _ in range(num_samples)
+        ]
+    else:
+        drawn = _draw_guide(guide, num_samples, mpn, args, kwargs)
+
+        def evaluate(start: int, stop: int):
+            piece = _slice_draws(drawn, num_samples, mpn, start, stop)
+            return _draw_batch(model, args, kwargs, piece, stop - start, sites, mpn, want)
+
+        if batch_size is None:
+            parts = planner.run("chain", num_samples, evaluate)
+        else:
+            parts = [
+                evaluate(a, min(num_samples, a + batch_size))
+                for a in range(0, num_samples, batch_size)
+            ]
+        del drawn
     if len(parts) == 1:
         return parts[0]
 

@@ -33,6 +33,7 @@ import pyro
 import torch
 
 from .._validation import check_bool, check_int, check_seed
+from ..infer.memory import DEFAULT_MEMORY_BUDGET, ChunkPlanner, check_memory_budget
 from .draws import _draw_chain, _prototype, _seeded
 from .groups import _arviz_major, _as_datatree, _as_inference_data, _build_groups
 
@@ -118,6 +119,7 @@ def to_inference_data(
     seed: int | None = None,
     batch_size: int | None = None,
     max_plate_nesting: int | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> InferenceData | DataTree:
     r"""Draw from fitted Pyro guides and return ArviZ groups for a variational posterior.
 
@@ -142,10 +144,25 @@ def to_inference_data(
     (\text{logits}))`, :math:`z_0 = \mu_k + \sigma_k \odot \epsilon`, pushed through the flow
     and the constraints; ``sample_stats.component`` records :math:`k`.
 
-    Draws are evaluated ``batch_size`` at a time in an outer ``pyro.plate`` (as
-    ``Predictive(parallel=True)`` does), so the model must annotate its batch dims with plates;
-    with ``batch_size=1`` each draw runs alone, without that plate, in the model's own shapes
-    (slower, but any model works).
+    Draws are evaluated in batches in an outer ``pyro.plate`` (as ``Predictive(parallel=True)``
+    does), so the model must annotate its batch dims with plates; with ``batch_size=1`` each
+    draw runs alone, without that plate, in the model's own shapes (slower, but any model
+    works). By default a batch holds as many draws as fit ``memory_budget``: the working memory
+    of the model's evaluation (a model with :math:`N` data points holds :math:`S N` terms, and
+    a likelihood written ``(X * w).sum(-1)`` an :math:`S N D` product, for a batch of
+    :math:`S` draws) is measured on batches of one and two draws, and the rest of each chain
+    runs in batches that fit (:class:`~pyro_mogflow.infer.memory.ChunkPlanner`). The guide is
+    drawn once per chain, before the batches, and the model takes no random numbers to score a
+    draw, so the batch size changes neither the draws nor ``lp``, ``lp_approx``,
+    ``log_likelihood`` or ``log_prior`` (given ``seed``); only the random numbers of
+    ``posterior_predictive`` (and of latent sites the guide leaves out, drawn from their prior)
+    depend on it.
+
+    The budget bounds the working memory, not the result: ``log_likelihood`` and
+    ``posterior_predictive`` hold ``chains x num_samples x N`` values per observed site (4 bytes
+    each in float32, 8 GB for 1000 draws of 2,000,000 points), and the ``posterior`` of a model
+    with local latents grows with :math:`N` too. Leave out what you do not need
+    (``log_likelihood=False``, ``posterior_predictive=False``) for big data.
 
     Shapes: ``posterior`` variables are ``(chain, draw, *site_shape)`` with padding dims of
     size 1 (those that are no plate of the site) squeezed; dims are named after plates, others
@@ -167,9 +184,13 @@ def to_inference_data(
     :param dict dims: ``{variable: [dim names]}`` for the kept (non-squeezed) dims of a site.
     :param seed: seed for the draws (``None``: the global random state). A seed does not
         change the global random state.
-    :param batch_size: draws per model evaluation (default: all at once); 1 runs each draw
-        alone, without an outer plate, for models that do not vectorize.
+    :param batch_size: draws per model evaluation (default ``None``: sized to fit
+        ``memory_budget``); 1 runs each draw alone, without an outer plate, for models that do
+        not vectorize.
     :param max_plate_nesting: the model's plate nesting (default: read from one run).
+    :param memory_budget: bytes of working memory one batch of draws may take when
+        ``batch_size`` is ``None`` (default ``DEFAULT_MEMORY_BUDGET``, 1 GiB; ``None``: every
+        draw at once).
     :return: ``arviz.InferenceData`` with ArviZ < 1; an ``xarray.DataTree`` with ArviZ >= 1.
         Attributes mark it as a variational approximation (``posterior_approximation``).
 
@@ -183,7 +204,10 @@ def to_inference_data(
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
     args, kwargs = _check_model_args(model_args, model_kwargs)
     num_samples = check_int("num_samples", num_samples, 1)
-    batch_size = check_int("batch_size", batch_size, 1, allow_none=True) or num_samples
+    batch_size = check_int("batch_size", batch_size, 1, allow_none=True)
+    if num_samples == 1:
+        batch_size = 1  # one draw runs unbatched, in the model's own shapes
+    planner = ChunkPlanner(check_memory_budget(memory_budget), "draw")
     max_plate_nesting = check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
     seed = check_seed("seed", seed, allow_none=True)
     want = {
@@ -214,6 +238,7 @@ def to_inference_data(
                 proto.sites,
                 proto.max_plate_nesting,
                 want,
+                planner,
             )
             for g in guides_list
         ]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._validation import check_bool
+from ..infer.memory import DEFAULT_MEMORY_BUDGET, check_memory_budget, measure_traced_peak
 from .groups import MASK_SUFFIX, _arviz_major, _group
 from .importance import good_k_threshold, psis
 
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
 
 
 def vi_loo(
-    data: InferenceData | DataTree, *, var_name: str | None = None, pointwise: bool = True
+    data: InferenceData | DataTree,
+    *,
+    var_name: str | None = None,
+    pointwise: bool = True,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> ELPDData:
     r"""PSIS-LOO for a variational fit, with the approximate-posterior correction.
 
@@ -56,6 +61,12 @@ def vi_loo(
     :param str var_name: the observed site to use when the model has several.
     :param bool pointwise: keep ``loo_i`` and ``pareto_k`` per observation (default True;
         needed by ``az.plot_khat`` and ``az.compare``).
+    :param memory_budget: bytes of working memory (default 1 GiB; ``None``: no limit). The
+        observations are processed in blocks: the first 64 are measured
+        (:func:`~pyro_mogflow.infer.memory.measure_traced_peak`) and the rest go in blocks that
+        fit the budget at that cost per observation, so the working memory stays bounded
+        while ``data``'s ``log_likelihood`` (``draws x N`` values, the input) is read in
+        place. With ArviZ >= 1, ArviZ's own ``loo_approximate_posterior`` runs, unblocked.
     :return: ArviZ's ``ELPDData`` (kind ``loo``), usable with ``az.compare`` and
         ``az.plot_khat``.
 
@@ -65,6 +76,7 @@ def vi_loo(
     if var_name is not None and not isinstance(var_name, str):
         raise TypeError(f"var_name must be a str or None, got {type(var_name).__name__}")
     check_bool("pointwise", pointwise)
+    memory_budget = check_memory_budget(memory_budget)
     log_lik_group = _group(data, "log_likelihood")
     stats = _group(data, "sample_stats")
     if log_lik_group is None or not len(log_lik_group.data_vars):
@@ -110,17 +122,17 @@ def vi_loo(
             pointwise=pointwise,
             var_name=var_name,
         )
-    return _vi_loo_arviz0(log_lik_group[var_name], stats, pointwise, mask)
+    return _vi_loo_arviz0(log_lik_group[var_name], stats, pointwise, mask, memory_budget)
 
 
-def _vi_loo_arviz0(log_lik, stats, pointwise: bool, mask=None):
+def _vi_loo_arviz0(log_lik, stats, pointwise: bool, mask=None, memory_budget=None):
     import xarray as xr
     from arviz.stats.stats_utils import ELPDData
 
     obs_dims = [d for d in log_lik.dims if d not in ("chain", "draw")]
-    ll = log_lik.stack(__sample__=("chain", "draw")).transpose(*obs_dims, "__sample__")
-    ll_values = np.asarray(ll.values, dtype=np.float64)
-    shape = ll.shape[:-1]
+    values = log_lik.transpose("chain", "draw", *obs_dims).values  # a view when in this order
+    shape = values.shape[2:]
+    ll_all = values.reshape(values.shape[0] * values.shape[1], -1)  # (S, M), draws chain-major
     keep = None
     if mask is not None:
         # masked observations are not data points: their log-likelihood is a recorded 0
@@ -128,21 +140,18 @@ def _vi_loo_arviz0(log_lik, stats, pointwise: bool, mask=None):
             np.asarray(mask.transpose(*[d for d in obs_dims if d in mask.dims]).values, bool),
             shape,
         ).reshape(-1)
-        ll_values = ll_values.reshape(-1, ll_values.shape[-1])[keep]
-    n_samples = ll_values.shape[-1]
+    columns = np.arange(ll_all.shape[1]) if keep is None else np.flatnonzero(keep)
+    n_samples = ll_all.shape[0]
     log_w = np.asarray(
         (stats["lp"] - stats["lp_approx"]).stack(__sample__=("chain", "draw")).values,
         dtype=np.float64,
     )
-    if not (np.isfinite(ll_values).all() and np.isfinite(log_w).all()):
-        raise ValueError(
-            "log_likelihood or the log weights hold non-finite values; PSIS-LOO needs finite "
-            "log densities at every draw"
-        )
-    smoothed, pareto_k = psis(log_w - ll_values)
-    elpd_i = np.logaddexp.reduce(smoothed + ll_values, axis=-1)
+    if not np.isfinite(log_w).all():
+        raise ValueError(_NON_FINITE)
     full_weights, _ = psis(log_w)
-    lpd_i = np.logaddexp.reduce(full_weights + ll_values, axis=-1)
+    elpd_i, pareto_k, lpd_i = _pointwise_in_blocks(
+        ll_all, columns, log_w, full_weights, memory_budget
+    )
     n_points = int(elpd_i.size)
     elpd = float(elpd_i.sum())
     se = float(math.sqrt(n_points * np.var(elpd_i)))
@@ -178,6 +187,38 @@ def _vi_loo_arviz0(log_lik, stats, pointwise: bool, mask=None):
         fields["n_masked"] = int((~keep).sum())
     fields["good_k"] = good_k
     return ELPDData(data=list(fields.values()), index=list(fields))
+
+
+_NON_FINITE = (
+    "log_likelihood or the log weights hold non-finite values; PSIS-LOO needs finite "
+    "log densities at every draw"
+)
+
+
+def _pointwise_in_blocks(ll_all, columns, log_w, full_weights, memory_budget):
+    """``(elpd_i, k_i, lpd_i)`` of the observations ``columns`` of ``ll_all`` (shape ``(S, M)``),
+    computed a block of observations at a time: the first block (64 observations) is measured
+    (:func:`~pyro_mogflow.infer.memory.measure_traced_peak`) and the others hold as many as fit
+    ``memory_budget`` at that cost per observation (``None``: one block)."""
+
+    def block(idx):
+        ll = np.asarray(ll_all[:, idx], dtype=np.float64).T  # (m, S)
+        if not np.isfinite(ll).all():
+            raise ValueError(_NON_FINITE)
+        smoothed, khat = psis(log_w - ll)
+        elpd = np.logaddexp.reduce(smoothed + ll, axis=-1)
+        lpd = np.logaddexp.reduce(full_weights + ll, axis=-1)
+        return elpd, khat, lpd
+
+    total = columns.size
+    if memory_budget is None:
+        parts = [block(columns)]
+    else:
+        first = min(total, 64)
+        peak, part = measure_traced_peak(lambda: block(columns[:first]))
+        size = max(1, int(memory_budget // max(peak / first, 1)))
+        parts = [part] + [block(columns[a : a + size]) for a in range(first, total, size)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
 def _unmask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._validation import check_real, check_seed
+from ..infer.memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
 from .components import (
     _component_groups,
     _component_masses,
@@ -238,6 +239,7 @@ def vi_diagnostics(
     evidence_z: float = 4.0,
     evidence_tol: float = 0.1,
     warn: bool = True,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> VIDiagnostics:
     r"""Can this variational fit be trusted? Pareto :math:`\hat k`, ESS, ELBO, evidence, and
     agreement between independent runs, with plain advice.
@@ -283,6 +285,9 @@ def vi_diagnostics(
         estimates may differ by (default 4).
     :param float evidence_tol: extra slack in nats on that difference (default 0.1).
     :param bool warn: also issue the warnings with :func:`warnings.warn` (default True).
+    :param memory_budget: bytes of working memory for the model's evaluation of a batch of
+        draws, when ``source`` holds guides (default 1 GiB; see
+        :func:`~pyro_mogflow.to_inference_data`).
     :return: a :class:`VIDiagnostics`; ``print`` it for a summary.
 
     References: Yao et al. (2018); Vehtari et al. (2024); Vehtari et al. (2021).
@@ -291,6 +296,7 @@ def vi_diagnostics(
     evidence_z = check_real("evidence_z", evidence_z, minimum=0.0)
     evidence_tol = check_real("evidence_tol", evidence_tol, minimum=0.0)
     seed = check_seed("seed", seed, allow_none=True)
+    memory_budget = check_memory_budget(memory_budget)
     if not isinstance(warn, bool):
         raise TypeError(f"warn must be a bool, got {type(warn).__name__}")
     if _is_inference_data(source) or _is_datatree(source):
@@ -301,11 +307,11 @@ def vi_diagnostics(
             )
         data = source
     else:
-        data = _draw(source, model, model_args, model_kwargs, num_samples, seed)
+        data = _draw(source, model, model_args, model_kwargs, num_samples, seed, memory_budget)
     return _diagnose(data, rhat_threshold, evidence_z, evidence_tol, warn)
 
 
-def _draw(source, model, model_args, model_kwargs, num_samples, seed):
+def _draw(source, model, model_args, model_kwargs, num_samples, seed, memory_budget):
     if isinstance(source, _RunsWithTheirModel):
         if model is not None or model_args or model_kwargs:
             raise ValueError(
@@ -317,6 +323,7 @@ def _draw(source, model, model_args, model_kwargs, num_samples, seed):
             seed=seed,
             posterior_predictive=False,
             log_likelihood=False,
+            memory_budget=memory_budget,
         )
     if model is None:
         raise ValueError(
@@ -333,6 +340,7 @@ def _draw(source, model, model_args, model_kwargs, num_samples, seed):
         seed=seed,
         posterior_predictive=False,
         log_likelihood=False,
+        memory_budget=memory_budget,
     )
 
 

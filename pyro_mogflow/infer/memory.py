@@ -13,6 +13,16 @@ and records the peak bytes of the tensors each run allocates (:func:`measure_pea
     \text{chunk} = \max\Big(1, \Big\lfloor \frac{\text{budget} - \text{fixed}}
         {\text{per item}} \Big\rfloor\Big).
 
+When one item does not fit, :meth:`ChunkPlanner.split` cuts it into parts: a component's
+:math:`n` draws are independent, so they are evaluated in pieces (probed at one and two draws)
+and joined along :math:`n`. The same budget (``memory_budget=``, default
+:data:`DEFAULT_MEMORY_BUDGET`) bounds every vectorized evaluation of the package: the training
+steps and :func:`~pyro_mogflow.infer.balance_weights` (chunks of components or of draws), and
+the export and diagnostics (:func:`~pyro_mogflow.to_inference_data` and
+:func:`~pyro_mogflow.vi_diagnostics` in batches of draws, :func:`~pyro_mogflow.vi_loo` in
+blocks of observations measured by :func:`measure_traced_peak`). What it bounds is working
+memory: results that are themselves ``draws x N`` (an export's ``log_likelihood``) are not.
+
 The measurement counts the storage of every tensor created while it runs, freed or not
 (a ``TorchDispatchMode`` that follows each storage until it is released, so transients such as
 the ``K n N D`` product count), and on CUDA also ``torch.cuda.max_memory_allocated``, which sees
@@ -24,6 +34,7 @@ working memory.
 from __future__ import annotations
 
 import numbers
+import tracemalloc
 import warnings
 import weakref
 from collections.abc import Callable
@@ -33,7 +44,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "ChunkPlanner", "check_memory_budget", "measure_peak"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ChunkPlanner",
+    "check_memory_budget",
+    "measure_peak",
+    "measure_traced_peak",
+]
 
 #: The default working-memory budget of one vectorized evaluation, in bytes (1 GiB).
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -110,6 +127,27 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
     return int(peak), result
 
 
+def measure_traced_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn()`` and measure the peak bytes it allocates on the host through Python's
+    allocators (NumPy arrays included), with ``tracemalloc``.
+
+    :return: ``(peak bytes above what was allocated before, fn's result)``. If tracemalloc was
+        already tracing, it keeps tracing afterwards (its peak is reset).
+    """
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    return int(max(peak, 0)), result
+
+
 class ChunkPlanner:
     """Runs evaluations over ``total`` items in chunks that fit a memory budget.
 
@@ -172,6 +210,46 @@ class ChunkPlanner:
             results.append(evaluate(start, stop))
             start = stop
         return results
+
+    def split(self, key, total: int, parts: int, probe: Callable[[int], Any]) -> tuple[int, int]:
+        """``(items, parts)`` per chunk for ``total`` items of ``parts`` parts each (a component
+        of ``n`` draws), measured on first use by ``probe(m)``: ``m`` = 1, 2 parts of one item
+        (results discarded).
+
+        Chunks hold whole items while one item fits the budget; otherwise one item at a time,
+        split into pieces of as many parts as fit (the draws of a component are independent,
+        so they can be evaluated piece by piece). A single part over the budget warns and runs
+        one part at a time.
+        """
+        if self.budget is None:
+            return total, parts
+        plan = self.sizes.get(key)
+        if plan is not None:
+            return plan
+        if total == 1 and parts == 1:
+            plan = self.sizes[key] = (1, 1)
+            return plan
+        one = measure_peak(lambda: probe(1))[0]
+        two = measure_peak(lambda: probe(2))[0]
+        per_part = max(two - one, 1)
+        fixed = max(one - per_part, 0)
+        fit = (self.budget - fixed) // per_part
+        if fit < 1:
+            warnings.warn(
+                f"one draw of one {self.what} needs about {fixed + per_part:,} bytes of working "
+                f"memory, over the memory budget of {self.budget:,} bytes; evaluating one draw "
+                "at a time (raise memory_budget, or lower the data per step, e.g. with a "
+                "subsampled plate)",
+                ResourceWarning,
+                stacklevel=4,
+            )
+            plan = (1, 1)
+        elif fit < parts:
+            plan = (1, int(fit))
+        else:
+            plan = (int(min(total, fit // parts)), parts)
+        self.sizes[key] = plan
+        return plan
 
     def size(self, key, total: int, probe: Callable[[int], Any]) -> int:
         """The chunk size for ``key``, measured on first use by ``probe(m)`` (``m`` = 1, 2 items,

@@ -107,7 +107,8 @@ def balance_weights(
     :param str objective: ``"elbo"`` (default) or ``"forward"``.
     :param memory_budget: bytes of working memory for the model's evaluation (default 1 GiB;
         ``None``: no limit): the components are evaluated in chunks, as in
-        :class:`~pyro_mogflow.StratifiedELBO`.
+        :class:`~pyro_mogflow.StratifiedELBO`, and a component whose ``n`` draws do not fit
+        in pieces of its draws (the ``K n`` results, a few numbers per draw, are kept).
     :param kwargs: the model's keyword arguments.
     :return: the new weights, shape ``(K,)``; the guide's logits are set to their logarithm.
     :raises ValueError: if the model subsamples a plate (the weights need the full data).
@@ -206,6 +207,21 @@ def _elbo_and_se(fixed, log_q, log_pi, ok_k, k: int, n: int) -> tuple[float, flo
     return value, se
 
 
+def _by_component(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base draws and their gradients of every component, ``(K, n, D)`` each, put together
+    from chunks of components (``parts[i][1]`` their indices, None for all) or of draws."""
+    if len(parts) == 1:
+        return parts[0][4], parts[0][5]
+    rows: dict = {}
+    for part in parts:
+        for j, c in enumerate(part[1].tolist()):
+            rows.setdefault(c, []).append((part[4][j], part[5][j]))
+    order = sorted(rows)
+    base = torch.stack([torch.cat([b for b, _ in rows[c]]) for c in order])
+    grads = torch.stack([torch.cat([g for _, g in rows[c]]) for c in order])
+    return base, grads
+
+
 def natural_gradient_stepper(
     model,
     guide,
@@ -234,29 +250,38 @@ def natural_gradient_stepper(
     natural = component_step == "natural"
 
     def step(*args, **kwargs) -> float:
-        def share(*_):  # one chunk of components (their L_k and log pi_k), backpropagated
+        n = elbo.num_particles
+
+        def share(comps, _):  # a chunk of components, or of one's draws, backpropagated
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
             base = grads = None
             if natural:  # the draws' gradients wrt the base points, q's parameters fixed
                 base = elbo.last_sample.base
                 grads = base_gradients(log_ratio, base)
                 base = base.detach().reshape(grads.shape)
-            terms = log_ratio.mean(-1)
-            loss = -(log_pi.exp() * terms).sum()
+            sums = log_ratio.sum(-1)  # this chunk's part of n L_k
+            loss = -(log_pi.exp() * sums).sum() / n
             loss.backward()
-            return loss.detach(), terms.detach(), log_pi.detach(), base, grads
+            return loss.detach(), comps, sums.detach(), log_pi.detach(), base, grads
 
         with poutine.trace(param_only=True) as capture:
             parts = run_shares(elbo, model, guide, args, kwargs, share)
         loss = sum(p[0] for p in parts)
-        terms = torch.cat([p[1] for p in parts])
-        log_pi = torch.cat([p[2] for p in parts])
+        if len(parts) == 1:
+            terms, log_pi = parts[0][2] / n, parts[0][3]
+        else:
+            index = torch.cat([p[1] for p in parts]).to(parts[0][2].device)
+            k = int(index.max()) + 1
+            terms = parts[0][2].new_zeros(k).index_add_(0, index, torch.cat([p[2] for p in parts]))
+            terms = terms / n
+            log_pi = (
+                parts[0][3].new_zeros(k).index_copy_(0, index, torch.cat([p[3] for p in parts]))
+            )
         named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         params = set(named.values())
         moved = {}
         if natural:
-            base = torch.cat([p[3] for p in parts])
-            grads = torch.cat([p[4] for p in parts])
+            base, grads = _by_component(parts)
             for name, delta in natural_component_deltas(guide, base, grads).items():
                 leaf = _unconstrained(getattr(guide, name))
                 leaf.grad = -delta  # so that check() sees a non-finite step; never to optim

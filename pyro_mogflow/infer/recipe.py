@@ -261,9 +261,10 @@ def fit(
         ``start_step=result.next_step`` and ``optim=result.optim`` (see the module docstring);
         the tempering schedule is that of the whole ``num_steps``.
     :param memory_budget: bytes of working memory one evaluation of the model at the
-        stratified draws may take (default 1 GiB; ``None``: no limit): the components are
-        evaluated in chunks measured to fit (see :class:`~pyro_mogflow.StratifiedELBO`), in
-        training and in :func:`balance_weights`.
+        stratified draws may take (default 1 GiB; ``None``: no limit): the components (or,
+        when one does not fit, pieces of its draws) are evaluated in chunks measured to fit
+        (see :class:`~pyro_mogflow.StratifiedELBO`), in training and in
+        :func:`balance_weights`.
     :param dict model_kwargs: the model's keyword arguments whose names clash with an option of
         :func:`fit`; any other model keyword can be passed directly, ``fit(model, x, y=y)``.
     :param model_keywords: the model's keyword arguments (forwarded to every model and guide

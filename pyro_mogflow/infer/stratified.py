@@ -20,7 +20,6 @@ import numbers
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -36,37 +35,15 @@ from .memory import DEFAULT_MEMORY_BUDGET, ChunkPlanner, check_memory_budget
 from .stratified_sites import (
     _VECTORIZE_ADVICE,
     PARTICLE_PLATE,
+    StratifiedParticles,
     _Accumulator,
     _ComponentsChanged,
     _stratified_site,
     _Stratify,
+    _Terms,
 )
 
 __all__ = ["StratifiedELBO", "StratifiedParticles"]
-
-
-class StratifiedParticles(NamedTuple):
-    """The per-draw quantities behind one evaluation of :class:`StratifiedELBO`.
-
-    :ivar torch.Tensor log_ratio: :math:`\\log p(x, z_{kt}) - \\log q(z_{kt})`, shape ``(K, n)``;
-        row ``k`` holds the ``n`` draws from component ``k``.
-    :ivar torch.Tensor log_weights: the mixture's :math:`\\log \\pi_k`, shape ``(K,)``.
-    :ivar torch.Tensor latent: the unconstrained draws :math:`z_{kt}`, shape ``(K, n, D)``.
-    """
-
-    log_ratio: torch.Tensor
-    log_weights: torch.Tensor
-    latent: torch.Tensor
-
-
-class _Terms(NamedTuple):
-    """One evaluation: per-draw local terms, global terms and the stratified draw."""
-
-    local: torch.Tensor  # (K, n, *rest): terms of sites in every plate of the stratified site
-    global_: torch.Tensor  # (K * n,): terms of sites outside those plates
-    global_varies: bool
-    sample: StratifiedSample
-    total: int  # K * n: the number of draws of the full stratified evaluation
 
 
 class StratifiedELBO(ELBO):
@@ -146,7 +123,9 @@ class StratifiedELBO(ELBO):
         (``torch.utils.checkpoint``); with ``importance_weighted=True`` a pass without
         gradients finds every draw's weight, then each chunk is backpropagated (exact gradient,
         twice the model runs; its :meth:`differentiable_loss` keeps every chunk's graph).
-        :meth:`particles` is one evaluation, unchunked.
+        When one component's ``n`` draws do not fit, a chunk holds some of its draws (they
+        are independent), each piece's share scaled by its fraction of ``n``.
+        :meth:`particles` is chunked without gradients and one evaluation with them.
     :param bool antithetic: draw each component's noise in antithetic pairs
         :math:`\pm\epsilon` (``num_particles`` must be even; default False). The estimate stays
         unbiased; terms linear in the noise cancel within a pair (used by the natural-gradient
@@ -210,6 +189,7 @@ class StratifiedELBO(ELBO):
         self._draw_by_draw: set = set()  # (model, guide) pairs whose model does not vectorize
         self._latent_shapes: dict = {}  # model -> its latent sites' shapes, one draw at a time
         self._components: torch.Tensor | None = None  # set by only_components()
+        self._draw_fraction = 1.0  # a chunk of some of each component's draws: their share
         #: The :class:`~pyro_mogflow.distributions.StratifiedSample` of the last evaluation.
         self.last_sample: StratifiedSample | None = None
 
@@ -393,16 +373,26 @@ class StratifiedELBO(ELBO):
         raise NotImplementedError("StratifiedELBO evaluates its draws in one vectorized run")
 
     def particles(self, model, guide, *args, **kwargs) -> StratifiedParticles:
-        """Run the guide and the model once and return the per-draw log importance ratios.
+        """Run the guide and the model on every draw and return the per-draw log importance
+        ratios.
 
-        The ELBO estimate is ``(log_weights.exp() * log_ratio.mean(-1)).sum()``; the tensors
-        stay attached to the autograd graph. For a mixture flow outside every plate (an
-        :class:`~pyro_mogflow.AutoMixtureFlow`).
+        The ELBO estimate is ``(log_weights.exp() * log_ratio.mean(-1)).sum()``. For a mixture
+        flow outside every plate (an :class:`~pyro_mogflow.AutoMixtureFlow`). Without gradients
+        (``torch.no_grad()``) the draws are evaluated in chunks that fit ``memory_budget``
+        (whole components, or pieces of one component's draws); with gradients it is one
+        evaluation whose tensors stay attached to the autograd graph, so its memory grows with
+        ``K n``: train with :meth:`loss_and_grads` for bounded memory.
 
         :param model: the Pyro model.
         :param guide: a guide with one stratified mixture-flow site outside every plate.
         :return: a :class:`StratifiedParticles` with shapes ``(K, n)``, ``(K,)``, ``(K, n, D)``.
         """
+        if torch.is_grad_enabled() or self._chunking:
+            return self._particles_once(model, guide, args, kwargs)
+        return stratified_chunks.particles_and_base(self, model, guide, args, kwargs)[0]
+
+    def _particles_once(self, model, guide, args, kwargs) -> StratifiedParticles:
+        """:meth:`particles` in one evaluation (of the components and draws set for a chunk)."""
         terms = self._terms(model, guide, args, kwargs)
         k, n = terms.local.shape[:2]
         if terms.local[0, 0].numel() != 1:
@@ -462,7 +452,8 @@ class StratifiedELBO(ELBO):
         log_weights = terms.sample.log_weights
         if self._components is not None:
             share = terms.global_.sum() / terms.total
-            return (log_weights.exp() * terms.local.mean(1)).sum() + share
+            value = (log_weights.exp() * terms.local.mean(1)).sum() + share
+            return value if self._draw_fraction == 1.0 else self._draw_fraction * value
         return (log_weights.exp() * terms.local.mean(1)).sum() + terms.global_.mean()
 
     # ------------------------------------------------------------- Pyro ELBO API

@@ -63,40 +63,66 @@ def _param_leaves(run) -> tuple:
     return out, [p for p in leaves if p.requires_grad]
 
 
-def _with_chunk(elbo, comps, fn):
-    previous = elbo._components
+def _with_chunk(elbo, comps, fn, draws: int | None = None):
+    """``fn()`` with ``elbo`` set to evaluate the components ``comps`` (``None``: all), each with
+    ``draws`` of its ``n`` draws (``None``: all); such a piece's objective is scaled by
+    ``draws / n``, its share of the components' terms."""
+    previous = elbo._components, elbo.num_particles, elbo._draw_fraction
     elbo._components = comps
+    if draws is not None and draws != elbo.num_particles:
+        elbo._draw_fraction = previous[2] * draws / elbo.num_particles
+        elbo.num_particles = draws
     try:
         return fn()
     finally:
-        elbo._components = previous
+        elbo._components, elbo.num_particles, elbo._draw_fraction = previous
 
 
-def chunk_size(elbo, model, guide, args, kwargs, items, total, objective) -> int:
-    """Components per chunk, measured once per model, guide, data shapes and gradient mode by
-    evaluating ``objective()`` on 1 and 2 components (and backpropagating it when gradients
-    are on), without touching ``.grad`` or the random stream."""
+def chunk_plan(elbo, model, guide, args, kwargs, items, total, objective) -> tuple[int, int]:
+    """``(components, draws)`` per chunk, measured once per model, guide, data shapes and
+    gradient mode by evaluating ``objective()`` on 1 and 2 draws (antithetic pairs, with
+    ``antithetic=True``) of one component (and
+    backpropagating it when gradients are on), without touching ``.grad`` or the random
+    stream. ``draws < n`` means one component at a time, its draws in pieces."""
     grad = torch.is_grad_enabled()
+    first = torch.arange(1) if items is None else items[:1]
 
-    def probe(m: int) -> None:
-        comps = torch.arange(m) if items is None else items[:m]
+    unit = 2 if getattr(elbo, "antithetic", False) else 1  # antithetic draws come in pairs
+
+    def probe(m: int) -> None:  # m units of draws (pairs when antithetic)
         with _forked():
-            out, leaves = _param_leaves(lambda: _with_chunk(elbo, comps, objective))
+            out, leaves = _param_leaves(lambda: _with_chunk(elbo, first, objective, m * unit))
             if grad and out.requires_grad and leaves:
                 torch.autograd.grad(out.sum(), leaves, allow_unused=True)
 
-    key = (id(model), id(guide), elbo.num_particles, total, grad, shapes_key(args, kwargs))
+    n = elbo.num_particles
+    key = (id(model), id(guide), n, total, grad, shapes_key(args, kwargs))
     if items is not None:
         key = key + (tuple(items.tolist()),)
     if elbo.importance_weighted:
         key = key + ("siwae",)
-    return elbo._planner.size(key, total, probe)
+    size, draws = elbo._planner.split(key, total, n // unit, probe)
+    return size, draws * unit
+
+
+def _chunks(items, total: int, size: int, draws: int, n: int) -> list:
+    """``[(components or None, draws)]``: the chunks covering ``total`` components (``items``,
+    or ``0..total-1``), component by component and, within a component, draw by draw."""
+    if size >= total and draws >= n:
+        return [(items, n)]
+    ids = torch.arange(total) if items is None else items
+    if draws >= n:
+        return [(ids[a : a + size], n) for a in range(0, total, size)]
+    return [(ids[i : i + 1], min(draws, n - t)) for i in range(total) for t in range(0, n, draws)]
 
 
 def run_shares(elbo, model, guide, args, kwargs, evaluate) -> list:
     """``evaluate(comps, whole)`` for each chunk of the components under evaluation (all ``K``, or
     those of an enclosing ``only_components``), with ``elbo`` set to evaluate that chunk;
-    ``whole`` says one chunk holds them all (``comps`` is then the enclosing selection).
+    ``whole`` says one chunk holds them all (``comps`` is then the enclosing selection). A
+    chunk may hold some of one component's draws: ``elbo.num_particles`` is then that many
+    during ``evaluate``, and :meth:`~pyro_mogflow.StratifiedELBO._objective` is scaled to the
+    piece's share.
     """
     _, k = elbo._probe(model, guide, args, kwargs)
     outer = elbo._components
@@ -104,7 +130,7 @@ def run_shares(elbo, model, guide, args, kwargs, evaluate) -> list:
     total = k if items is None else items.numel()
     elbo._chunking = True
     try:
-        size = chunk_size(
+        size, draws = chunk_plan(
             elbo,
             model,
             guide,
@@ -114,14 +140,12 @@ def run_shares(elbo, model, guide, args, kwargs, evaluate) -> list:
             total,
             lambda: elbo._objective(model, guide, args, kwargs),
         )
-        if size >= total:
+        chunks = _chunks(items, total, size, draws, elbo.num_particles)
+        if len(chunks) == 1:
             return [evaluate(outer, True)]
-        out = []
-        for start in range(0, total, size):
-            stop = min(total, start + size)
-            comps = torch.arange(start, stop) if items is None else items[start:stop]
-            out.append(_with_chunk(elbo, comps, lambda c=comps: evaluate(c, False)))
-        return out
+        return [
+            _with_chunk(elbo, comps, lambda c=comps: evaluate(c, False), m) for comps, m in chunks
+        ]
     except _ComponentsChanged:  # raised by a guide run before any backward: K changed
         elbo._probed.pop((id(model), id(guide)), None)
     finally:
@@ -170,26 +194,24 @@ def differentiable_loss(elbo, model, guide, args, kwargs) -> torch.Tensor:
     def evaluate(comps, whole):
         if whole or not torch.is_grad_enabled():
             return elbo._objective(model, guide, args, kwargs)
-        return _checkpointed(elbo, comps, model, guide, args, kwargs)
+        return _checkpointed(elbo, comps, elbo.num_particles, model, guide, args, kwargs)
 
     parts = run_shares(elbo, model, guide, args, kwargs, evaluate)
     return sum(parts[1:], parts[0])
 
 
-def _checkpointed(elbo, comps, model, guide, args, kwargs) -> torch.Tensor:
+def _checkpointed(elbo, comps, draws, model, guide, args, kwargs) -> torch.Tensor:
     state = {}
 
+    def objective():
+        if "rng" not in state:
+            state["rng"] = _rng_state()
+            return elbo._objective(model, guide, args, kwargs)
+        with _replayed(state["rng"]):
+            return elbo._objective(model, guide, args, kwargs)
+
     def share(_):
-        previous = elbo._components
-        elbo._components = comps
-        try:
-            if "rng" not in state:
-                state["rng"] = _rng_state()
-                return elbo._objective(model, guide, args, kwargs)
-            with _replayed(state["rng"]):
-                return elbo._objective(model, guide, args, kwargs)
-        finally:
-            elbo._components = previous
+        return _with_chunk(elbo, comps, objective, draws)
 
     dummy = torch.zeros((), requires_grad=True)
     return checkpoint(share, dummy, use_reentrant=False, preserve_rng_state=False)
@@ -206,7 +228,7 @@ def _siwae_terms(elbo, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.
     log_weights = terms.sample.log_weights
     m, n = terms.local.shape[:2]
     joint = (log_weights.unsqueeze(1) + terms.local).reshape((m * n,) + log_weights.shape[1:])
-    return joint, terms.global_.sum() / terms.total
+    return joint, elbo._draw_fraction * terms.global_.sum() / terms.total
 
 
 def _siwae(elbo, model, guide, args, kwargs, backward: bool, graph: bool = False):
@@ -226,25 +248,24 @@ def _siwae(elbo, model, guide, args, kwargs, backward: bool, graph: bool = False
     elbo._chunking = True
     try:
         with torch.set_grad_enabled(grad):
-            size = chunk_size(elbo, model, guide, args, kwargs, None, k, objective)
-        bounds = [(s, min(k, s + size)) for s in range(0, k, size)]
-        chunks = [None if (a, b) == (0, k) else torch.arange(a, b) for a, b in bounds]
+            size, draws = chunk_plan(elbo, model, guide, args, kwargs, None, k, objective)
+        chunks = _chunks(None, k, size, draws, n)
         states, joints, global_ = [], [], 0.0
         with torch.no_grad():
-            for comps in chunks:
+            for comps, m in chunks:
                 states.append(_rng_state())
-                joint, share = _with_chunk(elbo, comps, terms)
+                joint, share = _with_chunk(elbo, comps, terms, m)
                 joints.append(joint)
                 global_ = global_ + share
         joint = torch.cat(joints, 0)
         bound = (torch.logsumexp(joint, 0) - math.log(n)).sum() + global_
         if not grad:
             return bound, None
-        weights = torch.softmax(joint, 0).split([(b - a) * n for a, b in bounds], 0)
+        weights = torch.softmax(joint, 0).split([j.shape[0] for j in joints], 0)
         surrogate = bound.new_zeros(())
-        for comps, state, w in zip(chunks, states, weights):
+        for (comps, m), state, w in zip(chunks, states, weights):
             with _replayed(state):
-                joint_c, share = _with_chunk(elbo, comps, terms)
+                joint_c, share = _with_chunk(elbo, comps, terms, m)
             part = (w * joint_c).sum() + share
             if backward:
                 if part.requires_grad:
@@ -257,15 +278,31 @@ def _siwae(elbo, model, guide, args, kwargs, backward: bool, graph: bool = False
 
 
 def particles_and_base(elbo, model, guide, args, kwargs):
-    """:meth:`~pyro_mogflow.StratifiedELBO.particles` without gradients, chunk by chunk, and the
-    base points of the draws, shape ``(K, n, D)``."""
+    """:meth:`~pyro_mogflow.StratifiedELBO.particles` without gradients, chunk by chunk (whole
+    components, or pieces of one component's draws joined along ``n``), and the base points of
+    the draws, shape ``(K, n, D)``."""
     from .stratified import StratifiedParticles
 
     def evaluate(*_):
-        out = elbo.particles(model, guide, *args, **kwargs)
+        out = elbo._particles_once(model, guide, args, kwargs)
         return out, elbo.last_sample.base.reshape(out.latent.shape)
 
+    n = elbo.num_particles
     with torch.no_grad():
         parts = run_shares(elbo, model, guide, args, kwargs, evaluate)
-    cat = [torch.cat([p[0][i] for p in parts], 0) for i in range(3)]
-    return StratifiedParticles(*cat), torch.cat([p[1] for p in parts], 0)
+    rows, pending = [], []  # pending: pieces of one component's draws, joined along dim 1
+    for part in parts:
+        if part[0].log_ratio.shape[1] == n:
+            rows.append(part)
+            continue
+        pending.append(part)
+        if sum(p[0].log_ratio.shape[1] for p in pending) == n:
+            log_ratio, latent, base = (
+                torch.cat([p[0].log_ratio for p in pending], 1),
+                torch.cat([p[0].latent for p in pending], 1),
+                torch.cat([p[1] for p in pending], 1),
+            )
+            rows.append(((log_ratio, pending[0][0].log_weights, latent), base))
+            pending = []
+    cat = [torch.cat([r[0][i] for r in rows], 0) for i in range(3)]
+    return StratifiedParticles(*cat), torch.cat([r[1] for r in rows], 0)

@@ -3,6 +3,8 @@ the stratified site, drawing it, and summing every site's log-density per draw."
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
@@ -164,3 +166,27 @@ class _Stratify(Messenger):
         msg["done"] = True
         self.sample = sample
         self.frames = tuple(f for f in msg["cond_indep_stack"] if f.name != PARTICLE_PLATE)
+
+
+class StratifiedParticles(NamedTuple):
+    """The per-draw quantities behind one evaluation of :class:`StratifiedELBO`.
+
+    :ivar torch.Tensor log_ratio: :math:`\\log p(x, z_{kt}) - \\log q(z_{kt})`, shape ``(K, n)``;
+        row ``k`` holds the ``n`` draws from component ``k``.
+    :ivar torch.Tensor log_weights: the mixture's :math:`\\log \\pi_k`, shape ``(K,)``.
+    :ivar torch.Tensor latent: the unconstrained draws :math:`z_{kt}`, shape ``(K, n, D)``.
+    """
+
+    log_ratio: torch.Tensor
+    log_weights: torch.Tensor
+    latent: torch.Tensor
+
+
+class _Terms(NamedTuple):
+    """One evaluation: per-draw local terms, global terms and the stratified draw."""
+
+    local: torch.Tensor  # (K, n, *rest): terms of sites in every plate of the stratified site
+    global_: torch.Tensor  # (K * n,): terms of sites outside those plates
+    global_varies: bool
+    sample: StratifiedSample
+    total: int  # K * n: the number of draws of the full stratified evaluation

@@ -140,7 +140,8 @@ def test_with_a_flow_it_is_frozen_while_beta_is_below_one(beta):
     assert all(bool(torch.isfinite(p).all()) for p in guide.parameters())
 
 
-def test_chunked_natural_step_equals_the_unchunked_one(monkeypatch):
+@pytest.mark.parametrize("num_particles", [2, 4])  # 4: each component's pairs in two pieces
+def test_chunked_natural_step_equals_the_unchunked_one(monkeypatch, num_particles):
     # Noise fixed at 0.7 everywhere, so a chunked and an unchunked step draw the same points.
     real = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.full_like(real(*a, **k), 0.7))
@@ -151,9 +152,9 @@ def test_chunked_natural_step_equals_the_unchunked_one(monkeypatch):
         pyro.set_rng_seed(0)
         guide = AutoMixtureFlow(model, num_components=4, init_scale=1.0, init_spread=2.0)
         guide.setup()
-        elbo = StratifiedELBO(num_particles=2, antithetic=True, memory_budget=budget)
+        elbo = StratifiedELBO(num_particles=num_particles, antithetic=True, memory_budget=budget)
         if budget is not None:
-            elbo._planner.budget = 1  # one component per chunk
+            elbo._planner.budget = 1  # one component per chunk, one antithetic pair per piece
         optim = pyro.optim.Adam({"lr": 0.1})
         step = natural_gradient_stepper(
             model, guide, optim, elbo, 0.05, lambda: False, component_step="natural"

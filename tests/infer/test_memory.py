@@ -128,7 +128,7 @@ def test_chunked_loss_and_grads_equal_the_unchunked_ones(monkeypatch, dtype, imp
     _tiny_budget(elbo)
     with pytest.warns(ResourceWarning):
         loss = elbo.loss_and_grads(regression, guide, x, y)
-    assert list(elbo._planner.sizes.values()) == [1]  # five chunks of one component
+    assert list(elbo._planner.sizes.values()) == [(1, 1)]  # ten chunks: one draw each
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     assert loss == pytest.approx(expected_loss, rel=rtol)
     assert elbo.loss(regression, guide, x, y) == pytest.approx(expected_loss, rel=rtol)
@@ -200,4 +200,112 @@ def test_chunked_balance_weights_equal_the_unchunked_ones(objective):
     # chunks draw their noise in another order, so the draws differ: same weights up to
     # Monte Carlo error between two sets of 8 draws per component
     assert weights[0].shape == weights[1].shape == (4,)
+    torch.testing.assert_close(weights[0].sum(), weights[1].sum())
+
+
+# ------------------------------------------------------------- draws in pieces
+def test_the_planner_splits_an_item_whose_parts_do_not_fit_together():
+    def probe(m):  # 1 MiB fixed and 1 MiB per part
+        return torch.empty(MIB // 4), torch.empty(m * MIB // 4)
+
+    budget = 10 * MIB + 1000  # room for 9 parts
+    assert ChunkPlanner(budget).split("k", 100, 4, probe) == (2, 4)  # two whole items
+    assert ChunkPlanner(budget).split("k", 100, 20, probe) == (1, 9)  # pieces of 9 parts
+    assert ChunkPlanner(None).split("k", 100, 20, lambda m: 1 / 0) == (100, 20)
+    with pytest.warns(ResourceWarning, match="one draw"):
+        assert ChunkPlanner(MIB).split("k", 5, 3, probe) == (1, 1)
+
+
+def _planned(elbo, plan):
+    elbo._planner.split = lambda key, total, parts, probe: plan
+    return elbo
+
+
+@pytest.mark.parametrize("importance_weighted", [False, True])
+@pytest.mark.parametrize("plan", [(2, 4), (1, 3), (1, 1)])
+def test_pieces_of_draws_give_the_unchunked_value_and_gradient(
+    monkeypatch, plan, importance_weighted
+):
+    x, y = _data()
+    guide = AutoMixtureFlow(regression, num_components=5, flow="affine_coupling").setup(x, y)
+    _zero_noise(monkeypatch)
+    results = []
+    for elbo in (
+        StratifiedELBO(
+            num_particles=4, importance_weighted=importance_weighted, memory_budget=None
+        ),
+        _planned(StratifiedELBO(num_particles=4, importance_weighted=importance_weighted), plan),
+    ):
+        guide.zero_grad()
+        loss = elbo.loss_and_grads(regression, guide, x, y)
+        grads = _grads(guide)
+        guide.zero_grad()
+        elbo.differentiable_loss(regression, guide, x, y).backward()
+        results.append((loss, elbo.loss(regression, guide, x, y), grads, _grads(guide)))
+    (loss, value, grads, diff_grads), (loss_c, value_c, grads_c, diff_grads_c) = results
+    assert loss_c == pytest.approx(loss, rel=1e-12) and value_c == pytest.approx(value, rel=1e-12)
+    assert grads.keys() == grads_c.keys() == diff_grads_c.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(diff_grads_c[name], grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("plan", [(2, 4), (1, 3)])
+def test_particles_without_gradients_are_evaluated_in_chunks(monkeypatch, plan):
+    x, y = _data()
+    guide = AutoMixtureFlow(regression, num_components=5).setup(x, y)
+    _zero_noise(monkeypatch)
+    whole = StratifiedELBO(num_particles=4, memory_budget=None)
+    expected = whole.particles(regression, guide, x, y)  # with gradients: one evaluation
+    elbo = _planned(StratifiedELBO(num_particles=4), plan)
+    calls = []
+    real = elbo._terms
+    elbo._terms = lambda *a: calls.append(1) or real(*a)
+    with torch.no_grad():
+        got = elbo.particles(regression, guide, x, y)
+    assert len(calls) == {(2, 4): 3, (1, 3): 10}[plan]  # chunks of components / of draws
+    assert got.log_ratio.shape == (5, 4) and got.latent.shape[:2] == (5, 4)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_natural_gradient_step_with_pieces_of_draws(monkeypatch):
+    x, y = _data()
+    _zero_noise(monkeypatch)
+    after = []
+    for plan in (None, (1, 2)):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoMixtureFlow(regression, num_components=4).setup(x, y)
+        elbo = StratifiedELBO(num_particles=3, memory_budget=None if plan is None else MIB)
+        if plan is not None:
+            _planned(elbo, plan)
+        optim = pyro.optim.Adam({"lr": 0.1})
+        step = natural_gradient_stepper(regression, guide, optim, elbo, 0.5, lambda: False)
+        losses = [step(x, y) for _ in range(3)]
+        after.append((losses, {k: v.detach().clone() for k, v in guide.named_parameters()}))
+    assert after[0][0] == pytest.approx(after[1][0], rel=1e-12)
+    for name, value in after[0][1].items():
+        torch.testing.assert_close(after[1][1][name], value, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_balance_weights_stays_within_its_budget():
+    """Measured: one component's 64 draws on 20,000 points need ~40 MiB; the budget is 4 MiB."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, 2, generator=g)
+    y = (x * torch.tensor([1.0, -2.0])).sum(-1).abs()
+    guide = AutoMixtureFlow(regression, num_components=4).setup(x, y)
+    budget = 4 * MIB
+    peaks, weights = [], []
+    for memory_budget in (None, budget):
+        torch.manual_seed(1)
+        peak, w = measure_peak(
+            lambda b=memory_budget: balance_weights(
+                regression, guide, x, y, num_particles=64, num_iters=3, memory_budget=b
+            )
+        )
+        peaks.append(peak)
+        weights.append(w)
+    assert peaks[0] > 10 * budget  # the unchunked evaluation holds every draw at once
+    assert peaks[1] < 1.5 * budget, peaks
     torch.testing.assert_close(weights[0].sum(), weights[1].sum())
