@@ -374,7 +374,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
     def to_full_covariance(self) -> bool:
         """Replace the diagonal ``scales`` by full-covariance Cholesky factors ``scale_tril``
         ``(K, D, D)`` initialised at ``diag(scales)`` (the density is unchanged); see
-        :func:`pyro_mogflow.guides.covariance.to_full_covariance`. Returns ``False`` if the
+        ``pyro_mogflow.guides.covariance.to_full_covariance``. Returns ``False`` if the
         guide already had full covariance."""
         return to_full_covariance(self)
 
