@@ -90,8 +90,16 @@ def full_component_log_prob(
     :return: shape ``(*sample, *batch, K)``.
     """
     diff = value.unsqueeze(-2) - locs  # (*sample, *batch, K, D)
-    tril = scale_tril.expand(diff.shape[:-1] + scale_tril.shape[-2:])
-    w = torch.linalg.solve_triangular(tril, diff.unsqueeze(-1), upper=False).squeeze(-1)
+    d = diff.shape[-1]
+    own = scale_tril.shape[:-2]  # (*batch, K)
+    full = torch.broadcast_shapes(diff.shape[:-1], own)
+    lead, own = full[: len(full) - len(own)], full[len(full) - len(own) :]
+    # One solve per component with every point as a right-hand side: (*batch, K, D, L),
+    # instead of a copy of L_k per point.
+    rhs = diff.expand(full + (d,)).reshape((-1,) + own + (d,)).movedim(0, -1)
+    tril = scale_tril.expand(own + (d, d))
+    w = torch.linalg.solve_triangular(tril, rhs, upper=False).movedim(-1, 0)
+    w = w.reshape(lead + own + (d,))
     log_diag = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return -(0.5 * w.pow(2).sum(-1) + log_diag + value.shape[-1] * _HALF_LOG_2PI)
 
