@@ -25,6 +25,7 @@ row                      guide
 ``AMF <estimator>``      ``fit`` with ``AutoMixtureFlow(estimator=<estimator>)``, other defaults
 ``AMF adam``, ``AMF natural``  ``fit(..., component_step="adam"`` / ``"natural")``, other
                          defaults
+``AMF natural full``     ``fit(..., component_step="natural", covariance="full")`` (ablation)
 ``AMF spline flow``      ``fit`` with ``AutoMixtureFlow(flow=...)`` of :data:`FLOW` (ablation)
 ``AMF no tempering``     ``fit(..., beta=None)``, other defaults (ablation)
 ``AMF no natural grad``  ``fit(..., weight_step=None, balance=None)``, other defaults (ablation)
@@ -173,6 +174,12 @@ GUIDES: dict[str, GuideSpec] = {
     ),
     "AMF natural": GuideSpec(
         _amf("stratified"), {"component_step": "natural"}, stratified=True, family="ablation"
+    ),
+    "AMF natural full": GuideSpec(
+        _amf("stratified"),
+        {"component_step": "natural", "covariance": "full"},
+        stratified=True,
+        family="ablation",
     ),
     "AMF no tempering": GuideSpec(
         _amf("stratified"), _NO_TEMPERING, stratified=True, family="ablation"

@@ -15,6 +15,7 @@ row                                training
 =================================  =========================================================
 ``fit()``                          ``pyro_mogflow.fit(model, *args)``: every default
 ``fit() adam``, ``fit() natural``  the same with ``component_step="adam"`` / ``"natural"``
+``fit() natural full``             ``component_step="natural", covariance="full"``
 ``SVI AMF + StratifiedELBO``       ``SVI(model, AutoMixtureFlow(model), Adam(lr),
                                    StratifiedELBO())``, ``--steps`` steps
 ``SVI AMF + Trace_ELBO``           the same with ``Trace_ELBO()``
@@ -107,7 +108,7 @@ def _fit(model, args, kwargs, steps):
     return fit(model, *args, model_kwargs=kwargs, progress=False, **extra).guide
 
 
-def _fit_with(component_step):
+def _fit_with(component_step, covariance="diag"):
     def train(model, args, kwargs, steps):
         extra = {} if steps is None else {"num_steps": steps}
         result = fit(
@@ -116,6 +117,7 @@ def _fit_with(component_step):
             model_kwargs=kwargs,
             progress=False,
             component_step=component_step,
+            covariance=covariance,
             **extra,
         )
         return result.guide
@@ -128,6 +130,7 @@ GUIDES: dict[str, Callable] = {
     "fit()": _fit,
     "fit() adam": _fit_with("adam"),
     "fit() natural": _fit_with("natural"),
+    "fit() natural full": _fit_with("natural", "full"),
     "SVI AMF + StratifiedELBO": _svi(AutoMixtureFlow, StratifiedELBO),
     "SVI AMF + Trace_ELBO": _svi(AutoMixtureFlow, Trace_ELBO),
     "AutoNormal": _svi(AutoNormal, Trace_ELBO),
@@ -137,7 +140,9 @@ GUIDES: dict[str, Callable] = {
 }
 
 #: The rows run when ``--guides`` is not given (the ``component_step`` variants are opt-in).
-DEFAULT_GUIDES = tuple(g for g in GUIDES if g not in ("fit() adam", "fit() natural"))
+DEFAULT_GUIDES = tuple(
+    g for g in GUIDES if g not in ("fit() adam", "fit() natural", "fit() natural full")
+)
 
 
 # ------------------------------------------------------------------------------ truth

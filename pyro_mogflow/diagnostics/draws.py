@@ -28,7 +28,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_factor, site_is_subsample
 from torch.distributions import biject_to
 
-from ..distributions import mixture_log_prob
+from ..distributions import full_mixture_log_prob, mixture_log_prob
 from ..guides import AutoMixtureFlow
 
 __all__: list[str] = []
@@ -168,11 +168,16 @@ def _mixture_flow_draws(guide: AutoMixtureFlow, n: int, max_plate_nesting: int |
     """
     logits = guide.logits.detach()
     locs = guide.locs.detach()
-    scales = guide.scales.detach()
     component = torch.distributions.Categorical(logits=logits).sample((n,))
     eps = torch.randn((n, locs.shape[-1]), dtype=locs.dtype, device=locs.device)
-    z0 = locs[component] + scales[component] * eps
-    log_q = mixture_log_prob(z0, logits, locs, scales)
+    if guide.covariance == "full":
+        tril = guide.scale_tril.detach().tril()
+        z0 = locs[component] + (tril[component] @ eps.unsqueeze(-1)).squeeze(-1)
+        log_q = full_mixture_log_prob(z0, logits, locs, tril)
+    else:
+        scales = guide.scales.detach()
+        z0 = locs[component] + scales[component] * eps
+        log_q = mixture_log_prob(z0, logits, locs, scales)
     z = z0
     if guide.flow is not None:
         z = guide.flow(z0)

@@ -19,10 +19,13 @@ from pyro.util import ignore_jit_warnings
 
 __all__ = [
     "component_log_prob",
+    "full_component_log_prob",
+    "full_mixture_log_prob",
     "mixture_log_prob",
     "check_mixture_params",
     "mixture_moments",
     "expand_mixture_params",
+    "marginal_scales",
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -67,6 +70,67 @@ def mixture_log_prob(
         )
     log_weights = torch.log_softmax(logits, dim=-1)
     return torch.logsumexp(log_weights + component_log_prob(value, locs, scales), dim=-1)
+
+
+def full_component_log_prob(
+    value: torch.Tensor, locs: torch.Tensor, scale_tril: torch.Tensor
+) -> torch.Tensor:
+    r"""Log-density of ``value`` under each full-covariance Gaussian component.
+
+    With :math:`\Sigma_k = L_k L_k^\top` (:math:`L_k` lower-triangular, positive diagonal) and
+    :math:`w = L_k^{-1}(z - \mu_k)` by one triangular solve,
+
+    .. math:: \ell_k(z) = -\tfrac12 \lVert w \rVert^2 - \sum_d \log L_{k,dd}
+        - \tfrac D2 \log 2\pi .
+
+    :param torch.Tensor value: points, shape ``(*sample, *batch, D)``.
+    :param torch.Tensor locs: component means, shape ``(*batch, K, D)``.
+    :param torch.Tensor scale_tril: Cholesky factors :math:`L_k`, shape ``(*batch, K, D, D)``
+        (only the lower triangle is read).
+    :return: shape ``(*sample, *batch, K)``.
+    """
+    diff = value.unsqueeze(-2) - locs  # (*sample, *batch, K, D)
+    d = diff.shape[-1]
+    own = scale_tril.shape[:-2]  # (*batch, K)
+    full = torch.broadcast_shapes(diff.shape[:-1], own)
+    lead, own = full[: len(full) - len(own)], full[len(full) - len(own) :]
+    # One solve per component with every point as a right-hand side: (*batch, K, D, L),
+    # instead of a copy of L_k per point.
+    rhs = diff.expand(full + (d,)).reshape((-1,) + own + (d,)).movedim(0, -1)
+    tril = scale_tril.expand(own + (d, d))
+    w = torch.linalg.solve_triangular(tril, rhs, upper=False).movedim(-1, 0)
+    w = w.reshape(lead + own + (d,))
+    log_diag = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -(0.5 * w.pow(2).sum(-1) + log_diag + value.shape[-1] * _HALF_LOG_2PI)
+
+
+def full_mixture_log_prob(
+    value: torch.Tensor, logits: torch.Tensor, locs: torch.Tensor, scale_tril: torch.Tensor
+) -> torch.Tensor:
+    r"""Log-density of a mixture of full-covariance Gaussians, in log space.
+
+    .. math:: \log q(z) = \operatorname{logsumexp}_k \big(\log\pi_k
+        + \log \mathcal N(z;\ \mu_k, L_k L_k^\top)\big)
+
+    :param torch.Tensor value: points, shape ``(*sample, *batch, D)``.
+    :param torch.Tensor logits: unnormalised log-weights, shape ``(*batch, K)``.
+    :param torch.Tensor locs: shape ``(*batch, K, D)``.
+    :param torch.Tensor scale_tril: shape ``(*batch, K, D, D)``, lower-triangular with a
+        positive diagonal.
+    :return: shape ``(*sample, *batch)``.
+    :raises ValueError: if a diagonal entry of ``scale_tril`` is not positive (outside a trace).
+    """
+    diag = scale_tril.diagonal(dim1=-2, dim2=-1)
+    if not torch._C._get_tracing_state() and not bool((diag > 0).all()):
+        raise ValueError("scale_tril must have a positive diagonal (Cholesky factors)")
+    log_weights = torch.log_softmax(logits, dim=-1)
+    return torch.logsumexp(log_weights + full_component_log_prob(value, locs, scale_tril), dim=-1)
+
+
+def marginal_scales(scale_tril: torch.Tensor) -> torch.Tensor:
+    r"""The marginal standard deviations :math:`\sqrt{(L L^\top)_{dd}}` of full-covariance
+    components: shape ``(*batch, K, D)`` from ``scale_tril`` of shape ``(*batch, K, D, D)``."""
+    return scale_tril.tril().pow(2).sum(-1).sqrt()
 
 
 def mixture_moments(

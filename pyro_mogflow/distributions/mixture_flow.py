@@ -22,8 +22,9 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from .density import mixture_log_prob, mixture_moments
+from .density import check_mixture_params, full_mixture_log_prob, mixture_log_prob, mixture_moments
 from .estimators import check_estimator, mixture_base
+from .full_mixture import FullNormalMixture, check_scale_tril
 from .mixture import mixture_marginal_quantiles
 
 __all__ = ["MixtureFlow", "StratifiedSample"]
@@ -113,6 +114,14 @@ class MixtureFlow(TorchDistribution):
     :param float temperature: Gumbel-softmax temperature of the relaxed estimators.
     :param int num_nested: inner draws of the ``"relaxed-nested"`` density.
     :param validate_args: as for every torch distribution.
+    :param torch.Tensor scale_tril: optional Cholesky factors :math:`L_k` of full-covariance
+        components, shape ``(*batch, K, D, D)``: the base is then
+        :math:`\sum_k \pi_k \mathcal N(\mu_k, L_k L_k^\top)`
+        (:class:`~pyro_mogflow.distributions.full_mixture.FullNormalMixture`), ``scales`` is
+        ignored (pass ``None``) and :attr:`scales` holds the marginal standard deviations.
+        Only the exact estimators ``"stratified"`` and ``"implicit"`` take it; :meth:`rsample`
+        then raises (train with :meth:`stratified_rsample`, i.e.
+        :class:`~pyro_mogflow.StratifiedELBO`).
     """
 
     arg_constraints: dict = {}
@@ -123,19 +132,33 @@ class MixtureFlow(TorchDistribution):
         self,
         logits: torch.Tensor,
         locs: torch.Tensor,
-        scales: torch.Tensor,
+        scales: torch.Tensor | None,
         transforms: Sequence[Transform] = (),
         estimator: str = "implicit",
         temperature: float = 0.5,
         num_nested: int = 32,
         validate_args: bool | None = None,
+        scale_tril: torch.Tensor | None = None,
     ):
         check_estimator(estimator)
         transforms = list(transforms)
         for t in transforms:
             if not isinstance(t, Transform):
                 raise TypeError(f"transforms must be torch Transforms, got {type(t).__name__}")
-        base = mixture_base(estimator, logits, locs, scales, temperature, num_nested)
+        if scale_tril is None:
+            base = mixture_base(estimator, logits, locs, scales, temperature, num_nested)
+        else:
+            if estimator not in ("stratified", "implicit"):
+                raise ValueError(
+                    "scale_tril (full-covariance components) needs estimator='stratified' or "
+                    f"'implicit' (the exact mixture), got estimator={estimator!r}"
+                )
+            if not isinstance(locs, torch.Tensor):
+                raise TypeError(f"locs must be a torch.Tensor, got {type(locs).__name__}")
+            check_scale_tril(scale_tril, locs)
+            check_mixture_params(logits, locs, torch.ones_like(locs))
+            base = FullNormalMixture(logits, locs, scale_tril)
+        self.scale_tril = scale_tril
         self.logits, self.locs, self.scales = base.logits, base.locs, base.scales
         self.transforms = transforms
         self.estimator = estimator
@@ -189,12 +212,14 @@ class MixtureFlow(TorchDistribution):
         :raises NotImplementedError: if there are transforms (a flow mixes the coordinates).
         """
         self._require_bare("marginal quantiles")
+        # exact for full covariance too: each component's marginal is N(mu_kd, scales_kd^2)
         return mixture_marginal_quantiles(levels, self.logits, self.locs, self.scales)
 
     def expand(self, batch_shape, _instance=None) -> MixtureFlow:
         new = self._get_checked_instance(MixtureFlow, _instance)
         batch_shape = torch.Size(batch_shape)
         new.logits, new.locs, new.scales = self.logits, self.locs, self.scales
+        new.scale_tril = self.scale_tril
         new.transforms = self.transforms
         new.estimator = self.estimator
         new.base_dist = self.base_dist.expand(batch_shape)
@@ -265,6 +290,8 @@ class MixtureFlow(TorchDistribution):
 
         .. math:: z_{kt,b} = f_{b}(\mu_{bk} + \sigma_{bk} \odot \epsilon_{kt,b}), \qquad
             \epsilon \sim \mathcal{N}(0, I),
+
+        (:math:`\mu_{bk} + L_{bk} \epsilon_{kt,b}` with full-covariance components),
 
         and its log-density is the exact :math:`\log q(z_{kt,b})` of the whole mixture flow, so
         weighting draw set :math:`k` by :math:`\pi_{bk}` gives the expectation over components
@@ -337,8 +364,16 @@ class MixtureFlow(TorchDistribution):
             eps = torch.cat([half, -half], 1)
         else:
             eps = torch.randn((k, n) + rest + (d,), dtype=locs.dtype, device=locs.device)
-        u = (locs + scales * eps).reshape((k * n,) + rest + (d,))
-        log_q = mixture_log_prob(u, self.logits, self.locs, self.scales)
+        if self.scale_tril is None:
+            u = (locs + scales * eps).reshape((k * n,) + rest + (d,))
+            log_q = mixture_log_prob(u, self.logits, self.locs, self.scales)
+        else:
+            tril = self.scale_tril.movedim(-3, 0)
+            if components is not None:
+                tril = tril[components]
+            tril = tril.tril().reshape((k, 1) + pad + own + (d, d))
+            u = (locs + (tril @ eps.unsqueeze(-1)).squeeze(-1)).reshape((k * n,) + rest + (d,))
+            log_q = full_mixture_log_prob(u, self.logits, self.locs, self.scale_tril)
         z, log_det = self.push(u)
         log_weights = torch.log_softmax(self.logits, dim=-1).movedim(-1, 0)
         if components is not None:

@@ -15,7 +15,9 @@ from torch.distributions import Transform
 from .._validation import check_int, check_real
 from ..distributions import MixtureFlow, mixture_base
 from ..distributions.estimators import ESTIMATORS, Temperature
+from ..distributions.full_mixture import FullNormalMixture
 from ..flows import ForwardOnlyGuard, build_flow, check_flow, is_forward_only
+from .covariance import component_scales, is_full, to_full_covariance
 from .initialization import (
     DEFAULT_INIT_SCALE,
     check_init_spread,
@@ -321,6 +323,8 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
     def get_base_dist(self):
         """The mixture base distribution for the chosen estimator (event shape ``(D,)``)."""
         options = self._estimator_kwargs()
+        if is_full(self):
+            return FullNormalMixture(self.logits, self.locs, self.scale_tril)
         return mixture_base(
             options["estimator"],
             self.logits,
@@ -349,9 +353,30 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         it is sampled by the guide's estimator.
         """
         transforms = [] if self.flow is None else [self.get_transform(*args, **kwargs)]
+        if is_full(self):
+            return MixtureFlow(
+                self.logits,
+                self.locs,
+                None,
+                transforms,
+                scale_tril=self.scale_tril,
+                **self._estimator_kwargs(),
+            )
         return MixtureFlow(
             self.logits, self.locs, self.scales, transforms, **self._estimator_kwargs()
         )
+
+    @property
+    def covariance(self) -> str:
+        """``"full"`` after :meth:`to_full_covariance`, else ``"diag"``."""
+        return "full" if is_full(self) else "diag"
+
+    def to_full_covariance(self) -> bool:
+        """Replace the diagonal ``scales`` by full-covariance Cholesky factors ``scale_tril``
+        ``(K, D, D)`` initialised at ``diag(scales)`` (the density is unchanged); see
+        ``pyro_mogflow.guides.covariance.to_full_covariance``. Returns ``False`` if the
+        guide already had full covariance."""
+        return to_full_covariance(self)
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
@@ -389,7 +414,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         weights = torch.softmax(self.logits.detach(), -1)
         values = self._constrain(latent)
         groups = []
-        for group in group_components(locs, self.scales.detach(), weights):
+        for group in group_components(locs, component_scales(self), weights):
             top = group["components"][0]
             groups.append(
                 {
@@ -423,7 +448,7 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
             raise RuntimeError("the guide is not set up yet; call guide.setup(*model_args)")
         before = self.num_components
         if groups is None:
-            groups = mergeable_groups(self.locs.detach(), self.scales.detach())
+            groups = mergeable_groups(self.locs.detach(), component_scales(self))
             if len(groups) == before:
                 return 0
         prune_and_merge(self, groups)

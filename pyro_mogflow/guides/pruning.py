@@ -20,6 +20,9 @@ operations shrink the mixture :math:`q_0 = \sum_k \pi_k \mathcal N(\mu_k, \opera
 
   Merging identical components leaves the density unchanged; merging components whose means
   lie within a fraction of their scales changes it little (Runnalls 2007 bounds the KL cost).
+  Full-covariance components (:mod:`pyro_mogflow.guides.covariance`) merge with the full second
+  moment, :math:`\Sigma_G = \frac{1}{\pi_G}\sum_{k\in G} \pi_k \big(\Sigma_k + (\mu_k -
+  \mu_G)(\mu_k - \mu_G)^\top\big)`, and are pruned row by row like diagonal ones.
 
 Why prune and merge rather than subsample components without bias: with the natural-gradient
 weight steps of :func:`~pyro_mogflow.fit` a component far from every mode keeps weight
@@ -52,6 +55,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from pyro.poutine.runtime import _PYRO_PARAM_STORE
 
+from .covariance import is_full, set_full_params
+
 __all__ = [
     "MERGE_LOC_TOLERANCE",
     "MERGE_SCALE_TOLERANCE",
@@ -66,7 +71,7 @@ MERGE_LOC_TOLERANCE = 0.5
 #: \log \sigma_{jd}| \le \log 1.25`).
 MERGE_SCALE_TOLERANCE = 1.25
 
-_OWN_PARAMS = ("locs", "scales", "logits")
+_OWN_PARAMS = ("locs", "scales", "scale_tril", "logits")
 
 
 def mergeable_groups(
@@ -190,6 +195,8 @@ def prune_and_merge(guide, groups) -> torch.Tensor:
     _check_guide(guide)
     k = guide.locs.shape[0]
     groups = _check_groups(groups, k)
+    if is_full(guide):
+        return _prune_and_merge_full(guide, groups)
     locs = guide.locs.detach()
     scales = guide.scales.detach()
     log_pi = torch.log_softmax(guide.logits.detach(), -1)
@@ -220,10 +227,51 @@ def prune_and_merge(guide, groups) -> torch.Tensor:
     return pruned
 
 
+def _prune_and_merge_full(guide, groups) -> torch.Tensor:
+    """:func:`prune_and_merge` of full-covariance components (full second moments)."""
+    locs = guide.locs.detach()
+    tril = guide.scale_tril.detach().tril()
+    log_pi = torch.log_softmax(guide.logits.detach(), -1)
+    new_logits, new_locs, new_trils = [], [], []
+    for group in groups:
+        idx = torch.tensor(group, device=locs.device)
+        lw = log_pi[idx]
+        total = torch.logsumexp(lw, 0)
+        w = (lw - total).exp()  # (m,), summing to one
+        mu = (w.unsqueeze(-1) * locs[idx]).sum(0)
+        if len(group) == 1:
+            factor = tril[idx[0]]
+        else:
+            diff = locs[idx] - mu
+            cov = tril[idx] @ tril[idx].transpose(-1, -2) + diff.unsqueeze(-1) * diff.unsqueeze(-2)
+            cov = (w.reshape(-1, 1, 1) * cov).sum(0)
+            factor, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
+            if int(info):
+                raise ValueError(
+                    "a merged covariance is not positive definite; the guide was left unchanged"
+                )
+        new_logits.append(total)
+        new_locs.append(mu)
+        new_trils.append(factor)
+    kept = torch.logsumexp(torch.stack(new_logits), 0)
+    pruned = (1 - kept.exp()).clamp(min=0)
+    logits = torch.stack(new_logits) - kept
+    locs_new, tril_new = torch.stack(new_locs), torch.stack(new_trils)
+    finite = torch.isfinite(logits).all() & torch.isfinite(locs_new).all()
+    if not bool(finite & torch.isfinite(tril_new).all()):
+        raise ValueError("the reduced mixture is not finite; the guide was left unchanged")
+    if not bool((tril_new.diagonal(dim1=-2, dim2=-1) > 0).all()):
+        raise ValueError("a merged scale is not positive; the guide was left unchanged")
+    set_full_params(guide, locs_new, tril_new, logits)
+    return pruned
+
+
 def _replace(guide, logits, locs, scales) -> None:
     """Recreate the mixture parameters (and drop the old ones from Pyro's param store)."""
     used = guide._pyro_context.used  # else the guide never registered in the param store
     for name in _OWN_PARAMS:
+        if name not in guide._pyro_params:
+            continue
         fullname = guide._pyro_get_fullname(name) if used else None
         delattr(guide, name)
         if fullname is not None and fullname in _PYRO_PARAM_STORE:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..guides import AutoMixtureFlow
+from ..guides.covariance import component_scales
 from ..guides.pruning import mergeable_groups, prune_and_merge
 from ..guides.summaries import group_components
 from .convergence import PlateauTest
@@ -56,7 +57,7 @@ def reduce_components(guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS) ->
     dropped = set(order[light].tolist()[: k - 1])  # never prune every component
     keep = [i for i in range(k) if i not in dropped]
     idx = torch.tensor(keep, device=guide.locs.device)
-    groups = mergeable_groups(guide.locs.detach()[idx], guide.scales.detach()[idx])
+    groups = mergeable_groups(guide.locs.detach()[idx], component_scales(guide)[idx])
     groups = [[keep[i] for i in g] for g in groups]
     if len(groups) == k:
         return {"pruned": 0, "merged": 0, "pruned_mass": 0.0}
@@ -119,7 +120,8 @@ class StepBudget:
                     return torch.softmax(guide.logits.detach(), -1)
 
                 def groups():  # the modes, as components(...)["groups"] finds them
-                    found = group_components(guide.locs.detach(), guide.scales.detach(), weights())
+                    scales = component_scales(guide)
+                    found = group_components(guide.locs.detach(), scales, weights())
                     return [g["components"] for g in found]
 
             if self.test.update(step, loss, beta, weights, groups):

@@ -26,8 +26,10 @@ from pyro import poutine
 from pyro.infer.util import zero_grads
 
 from .._validation import check_int
-from ..distributions.density import component_log_prob
+from ..distributions.density import component_log_prob, full_component_log_prob
 from ..guides import AutoMixtureFlow
+from ..guides.covariance import is_full
+from .budget import _drop_stale_optimizer_state
 from .component_steps import base_gradients, natural_component_deltas
 from .memory import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
@@ -137,10 +139,13 @@ def balance_weights(
     # in exp space relative to each point's largest entry, so that one iteration is two
     # matrix-vector products instead of logsumexps over a (K, n, K) tensor.
     f64 = torch.float64
-    locs, scales = guide.locs.detach().to(f64), guide.scales.detach().to(f64)
+    locs = guide.locs.detach().to(f64)
     k, n = log_ratio.shape
     base = base.reshape(k * n, -1).to(f64)  # (K n, D)
-    comp = component_log_prob(base, locs, scales)  # (K n, K): log N(b_kt; mu_j, sigma_j)
+    if is_full(guide):  # (K n, K): log N(b_kt; mu_j, L_j L_j^T)
+        comp = full_component_log_prob(base, locs, guide.scale_tril.detach().to(f64).tril())
+    else:  # (K n, K): log N(b_kt; mu_j, sigma_j)
+        comp = component_log_prob(base, locs, guide.scales.detach().to(f64))
     top = comp.max(-1, keepdim=True).values  # (K n, 1)
     dens = (comp - top).exp()  # (K n, K), each row's largest entry is 1
     top = top.squeeze(-1)
@@ -231,6 +236,7 @@ def natural_gradient_stepper(
     freeze_flow,
     check=None,
     component_step: str = "adam",
+    go_full=None,
 ):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
 
@@ -241,7 +247,11 @@ def natural_gradient_stepper(
 
     The components are evaluated in chunks that fit ``elbo.memory_budget``, each chunk's
     share backpropagated at once; the per-component terms :math:`L_k` are gathered chunk by
-    chunk. ``freeze_flow()`` says whether the flow's parameters sit out this step. ``check(loss,
+    chunk. ``freeze_flow()`` says whether the flow's parameters sit out this step.
+    ``go_full()``, if given, says whether the guide should have full-covariance components
+    from this step on: the first time it says so the guide is upgraded in place
+    (:meth:`~pyro_mogflow.AutoMixtureFlow.to_full_covariance`, the density unchanged) before
+    the step, and ``optim`` forgets the state of the removed ``scales``. ``check(loss,
     named)``, if given, is called after the backward pass and before anything moves, with
     ``named`` mapping param-store names to the tensors the step would update; raising there
     leaves every parameter (and the optimiser's state) as it was.
@@ -250,6 +260,9 @@ def natural_gradient_stepper(
     natural = component_step == "natural"
 
     def step(*args, **kwargs) -> float:
+        if go_full is not None and not is_full(guide) and go_full():
+            guide.to_full_covariance()
+            _drop_stale_optimizer_state(optim, guide)
         n = elbo.num_particles
 
         def share(comps, _):  # a chunk of components, or of one's draws, backpropagated
@@ -299,11 +312,11 @@ def natural_gradient_stepper(
             # it out (the Fisher metric of the mixture scales each component's block by pi_k),
             # so a component whose weight has collapsed still moves toward a mode at full speed
             # instead of stalling under Adam's long memory of its earlier, larger gradients.
-            pi = log_pi.detach().exp().unsqueeze(-1)
-            for name in ("locs", "scales"):
+            pi = log_pi.detach().exp()
+            for name in ("locs", "scale_tril" if is_full(guide) else "scales"):
                 leaf = _unconstrained(getattr(guide, name))
                 if leaf.grad is not None and name not in moved:
-                    leaf.grad.div_(pi)
+                    leaf.grad.div_(pi.reshape(pi.shape + (1,) * (leaf.dim() - 1)))
             logits = _logits_param(guide)
             params.discard(logits)
             logits.grad = None

@@ -145,3 +145,15 @@ def _model_kwargs(model, model_kwargs, model_keywords: dict) -> dict:
                         f"of fit nor an argument of the model {name}{signature}"
                     )
     return {**model_kwargs, **model_keywords}
+
+
+def _learning_rates(guide, lr: float, flow_lr: float) -> Callable[[str], dict]:
+    """Adam's per-parameter arguments: ``flow_lr`` for an AutoMixtureFlow's flow, else ``lr``."""
+    prefix = None
+    if isinstance(guide, AutoMixtureFlow) and guide.flow is not None:
+        prefix = f"{guide.name}.flow."
+
+    def args(name: str) -> dict:
+        return {"lr": flow_lr if prefix is not None and name.startswith(prefix) else lr}
+
+    return args

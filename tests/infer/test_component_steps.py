@@ -13,6 +13,7 @@ from pyro_mogflow import AutoMixtureFlow, StratifiedELBO, fit
 from pyro_mogflow.infer.component_steps import (
     natural_component_deltas,
     natural_component_update,
+    natural_full_update,
 )
 from pyro_mogflow.infer.mixture_weights import natural_gradient_stepper
 
@@ -182,3 +183,104 @@ def test_antithetic_elbo_needs_pairs():
         StratifiedELBO(num_particles=3, antithetic=True)
     with pytest.raises(TypeError, match="antithetic"):
         StratifiedELBO(antithetic=1)
+
+
+# ---------------------------------------------------------------- full covariance
+COV = ((4.0, 1.8, 0.3), (1.8, 1.0, 0.1), (0.3, 0.1, 0.25))
+
+
+def _correlated_model(dtype):
+    mean, cov = torch.tensor(MEAN, dtype=dtype), torch.tensor(COV, dtype=dtype)
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(mean, cov))
+
+    return model, mean, cov
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_full_component_reaches_the_exact_correlated_gaussian(dtype):
+    # h = log p - log q is quadratic: the pair gives gbar exactly and the Stein estimate of the
+    # Hessian is H L (eps eps^T) L^-1, which vanishes with H at the exact mean and covariance,
+    # so that is a fixed point without Monte Carlo error (a diagonal component cannot reach it).
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model, mean, cov = _correlated_model(dtype)
+    guide = AutoMixtureFlow(model, num_components=1, init_scale=2.0)
+    fit(
+        model,
+        guide=guide,
+        num_steps=600,
+        beta=None,
+        balance=None,
+        component_step="natural",
+        covariance="full",
+        progress=False,
+    )
+    assert guide.covariance == "full" and guide.scale_tril.dtype == dtype
+    tril = guide.scale_tril.detach()[0]
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(guide.locs.detach()[0], mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(tril @ tril.T, cov, rtol=tol, atol=tol)
+
+
+def test_one_full_step_matches_the_iblr_formula_for_a_quadratic():
+    # h(u) = -(u - c)^T A (u - c) / 2 - log N(u; m, L L^T): g = -A (u - c) + S (u - m); the
+    # one-pair Stein estimate is G = -sym((A - S) L eps eps^T L^-1) and gbar = -A (m - c).
+    torch.manual_seed(0)
+    d = 3
+    m = torch.randn(1, d, dtype=torch.float64)
+    a = torch.randn(d, d, dtype=torch.float64)
+    tril = torch.linalg.cholesky(a @ a.T + torch.eye(d, dtype=torch.float64)).unsqueeze(0)
+    r = torch.randn(d, d, dtype=torch.float64)
+    big_a = r @ r.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    c = torch.randn(d, dtype=torch.float64)
+    eps = torch.randn(d, dtype=torch.float64)
+    base = (m + torch.stack([tril[0] @ eps, -(tril[0] @ eps)])).unsqueeze(0)  # (1, 2, D)
+    s = torch.cholesky_inverse(tril[0])
+    grads = -(base - c) @ big_a + (base - m.unsqueeze(1)) @ s
+    b = 0.05
+    new_m, new_tril = natural_full_update(m, tril, base, grads, b, kl_bound=1e9)
+    hess = (s - big_a) @ tril[0] @ torch.outer(eps, eps) @ torch.linalg.inv(tril[0])
+    big_g = -(hess + hess.T) / 2
+    new_s = s + b * big_g + b**2 / 2 * big_g @ torch.linalg.inv(s) @ big_g
+    gbar = -big_a @ (m[0] - c)
+    torch.testing.assert_close(new_tril[0] @ new_tril[0].T, torch.linalg.inv(new_s))
+    torch.testing.assert_close(new_m[0], m[0] + b * torch.linalg.solve(new_s, gbar))
+    capped_m, _ = natural_full_update(m, tril, base, grads, b, kl_bound=1e-8)
+    assert float((capped_m - m).norm()) < float((new_m - m).norm())
+
+
+def test_a_non_finite_full_step_is_non_finite_and_leaves_the_guide_unchanged():
+    pyro.clear_param_store()
+    model, _, _ = _gaussian_model(torch.float64)
+    guide = AutoMixtureFlow(model, num_components=2).setup()
+    guide.to_full_covariance()
+    base = guide.locs.detach().unsqueeze(1).expand(2, 2, 3).clone()
+    grads = torch.zeros(2, 2, 3, dtype=torch.float64)
+    grads[1, 0, 2] = float("nan")
+    deltas = natural_component_deltas(guide, base, grads)
+    assert set(deltas) == {"locs", "scale_tril"}
+    for delta in deltas.values():
+        assert bool(torch.isfinite(delta[0]).all()) and not bool(torch.isfinite(delta[1]).all())
+
+    def bad_model():
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("f", -_InfiniteGradient.apply(x).pow(2).sum(-1))
+
+    pyro.clear_param_store()
+    guide = AutoMixtureFlow(bad_model, num_components=3).setup()
+    guide.to_full_covariance()
+    before = {name: p.detach().clone() for name, p in guide.named_parameters()}
+    with pytest.raises(RuntimeError, match="gradient"):
+        fit(bad_model, guide=guide, num_steps=5, component_step="natural", progress=False)
+    for name, p in guide.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def test_full_covariance_needs_a_stratified_mixture():
+    model, _, _ = _gaussian_model(torch.float64)
+    with pytest.raises(ValueError, match="covariance"):
+        fit(model, guide=AutoMixtureFlow(model, estimator="implicit"), covariance="full")
+    with pytest.raises(ValueError, match="covariance must be one of"):
+        fit(model, covariance="dense")
