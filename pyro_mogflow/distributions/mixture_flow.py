@@ -118,7 +118,7 @@ class MixtureFlow(TorchDistribution):
         components, shape ``(*batch, K, D, D)``: the base is then
         :math:`\sum_k \pi_k \mathcal N(\mu_k, L_k L_k^\top)`
         (:class:`~pyro_mogflow.distributions.full_mixture.FullNormalMixture`), ``scales`` is
-        ignored (pass ``None``) and :attr:`scales` holds the marginal standard deviations.
+        ignored (pass ``None``) and ``scales`` holds the marginal standard deviations.
         Only the exact estimators ``"stratified"`` and ``"implicit"`` take it; :meth:`rsample`
         then raises (train with :meth:`stratified_rsample`, i.e.
         :class:`~pyro_mogflow.StratifiedELBO`).

@@ -211,16 +211,15 @@ def natural_full_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One full-covariance iBLR step of each component (module docstring, "Full covariance").
 
-        :param torch.Tensor locs: :math:`m`, shape ``(K, D)``.
-        :param torch.Tensor scale_tril: :math:`L`, lower-triangular, shape ``(K, D, D)``.
-        :param torch.Tensor base: antithetic draws :math:`u_{kt} = m_k + L_k \epsilon_{kt}`, shape
-            ``(K, n, D)``, draw ``t + n/2`` the mirror image of draw ``t``.
-        :param torch.Tensor grads: :math:`
-    abla_u h` at those draws, shape ``(K, n, D)``.
-        :param float step_size: :math:`b` (default :data:`STEP_SIZE`).
-        :param float kl_bound: :math:`arepsilon` (default :data:`KL_BOUND`).
-        :return: the new ``(locs, scale_tril)``, shapes ``(K, D)`` and ``(K, D, D)``, in the dtype
-            of ``locs``; non-finite where the step failed (the caller refuses it).
+    :param torch.Tensor locs: :math:`m`, shape ``(K, D)``.
+    :param torch.Tensor scale_tril: :math:`L`, lower-triangular, shape ``(K, D, D)``.
+    :param torch.Tensor base: antithetic draws :math:`u_{kt} = m_k + L_k \epsilon_{kt}`, shape
+        ``(K, n, D)``, draw ``t + n/2`` the mirror image of draw ``t``.
+    :param torch.Tensor grads: :math:`\nabla_u h` at those draws, shape ``(K, n, D)``.
+    :param float step_size: :math:`b` (default :data:`STEP_SIZE`).
+    :param float kl_bound: :math:`\varepsilon` (default :data:`KL_BOUND`).
+    :return: the new ``(locs, scale_tril)``, shapes ``(K, D)`` and ``(K, D, D)``, in the dtype
+        of ``locs``; non-finite where the step failed (the caller refuses it).
     """
     step_size = check_real("step_size", step_size, minimum=0.0, strict=True)
     kl_bound = check_real("kl_bound", kl_bound, minimum=0.0, strict=True)
