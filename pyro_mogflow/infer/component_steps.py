@@ -120,7 +120,7 @@ __all__ = [
 ]
 
 #: What :func:`~pyro_mogflow.fit` can use to move the component means and scales.
-COMPONENT_STEPS = ("natural", "adam")
+COMPONENT_STEPS = ("auto", "natural", "adam")
 #: :math:`b`, the largest natural-gradient step of a component.
 STEP_SIZE = 0.1
 #: :math:`\varepsilon`, the bound on the estimated KL between a component and its update.

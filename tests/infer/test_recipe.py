@@ -255,7 +255,13 @@ def test_component_gradients_are_divided_by_their_weights():
     expected = start - 0.1 * grad / log_pi.detach().exp().unsqueeze(-1)
     pyro.set_rng_seed(3)
     fit_target(
-        target, guide, num_steps=1, beta=None, balance=None, optim=pyro.optim.SGD({"lr": 0.1})
+        target,
+        guide,
+        num_steps=1,
+        beta=None,
+        balance=None,
+        optim=pyro.optim.SGD({"lr": 0.1}),
+        component_step="adam",
     )
     assert torch.allclose(guide.locs.detach(), expected, rtol=1e-6, atol=1e-9)
     assert float((guide.locs.detach() - start).abs()[1].max()) > 1e-3  # it did move
