@@ -143,7 +143,7 @@ def _run_autonormal(model, args, max_steps: int) -> dict:
     return {"seconds": seconds, "elbo": final, "se": se, "steps": step + 1, "guide": guide}
 
 
-def _run_fit(model, args, max_steps: int) -> dict:
+def _run_fit(model, args, max_steps: int, **options) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoMixtureFlow(model).setup(*args)
@@ -153,7 +153,9 @@ def _run_fit(model, args, max_steps: int) -> dict:
         if step % EVAL_EVERY == 0 and step:
             clock.record(step)
 
-    result = fit(model, *args, guide=guide, max_steps=max_steps, progress=False, callback=callback)
+    result = fit(
+        model, *args, guide=guide, max_steps=max_steps, progress=False, callback=callback, **options
+    )
     clock.record(result.next_step)
     seconds, final, se = clock.converged_after()
     return {

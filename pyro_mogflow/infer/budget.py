@@ -24,7 +24,20 @@ from ..guides.summaries import group_components
 from .convergence import PlateauTest
 from .tempering import Schedule, exponential_schedule
 
-__all__ = ["PRUNE_MASS", "StepBudget", "auto_beta_schedule", "reduce_components"]
+__all__ = [
+    "ANNEAL_RUNGS",
+    "PRUNE_MASS",
+    "RUNG_WINDOW",
+    "StepBudget",
+    "auto_beta_schedule",
+    "ladder_beta_schedule",
+    "reduce_components",
+]
+
+#: Rungs of the adaptive anneal below beta = 1 (:func:`ladder_beta_schedule`).
+ANNEAL_RUNGS = 10
+#: Window of the plateau test that ends a rung early (two windows at least per rung).
+RUNG_WINDOW = 25
 
 #: Most weight :func:`reduce_components` prunes at once; each pruned component weighs at most
 #: this divided by the number of components.
@@ -35,6 +48,38 @@ def auto_beta_schedule(anneal_steps: int, beta_start: float = 0.01) -> Schedule:
     r""":math:`\beta_t = \beta_0^{1 - \min(t / A, 1)}`: geometric from ``beta_start`` to 1 over
     ``anneal_steps`` (:math:`A`) steps, then 1 (the schedule of ``fit(num_steps="auto")``)."""
     return exponential_schedule(beta_start, 1.0, anneal_steps)
+
+
+class ladder_beta_schedule:  # noqa: N801 (a schedule, called like a function)
+    r"""Geometric steps of :math:`\beta` from ``beta_start`` to 1, held ``anneal_steps / rungs``
+    steps each: :math:`\beta_t = \beta_0^{1 - r/R}` on rung :math:`r = \lfloor t R / A
+    \rfloor < R`, then 1 (:math:`A` = ``anneal_steps``, :math:`R` = ``rungs``).
+
+    The schedule of ``fit(num_steps="auto", anneal="adaptive")``: every rung holds one
+    :math:`\beta`, so the tempered ELBO on a rung is one objective and a plateau test on it
+    is valid; :class:`StepBudget` then jumps to the next rung (:meth:`next_rung`). A rung
+    never lasts longer than in the fixed schedule.
+    """
+
+    def __init__(self, anneal_steps: int, beta_start: float = 0.01, rungs: int = ANNEAL_RUNGS):
+        self.anneal_steps, self.beta_start, self.rungs = anneal_steps, beta_start, rungs
+
+    def rung(self, step: int) -> int:
+        """The rung of ``step`` (``rungs`` from ``anneal_steps`` on: beta = 1)."""
+        return min(step * self.rungs // self.anneal_steps, self.rungs)
+
+    def next_rung(self, step: int) -> int:
+        """The first step of the rung after the one of ``step``."""
+        return -(-(self.rung(step) + 1) * self.anneal_steps // self.rungs)
+
+    def __call__(self, step: int) -> float:
+        return self.beta_start ** (1 - self.rung(step) / self.rungs)
+
+    def __repr__(self) -> str:
+        return (
+            f"ladder_beta_schedule(anneal_steps={self.anneal_steps}, "
+            f"beta_start={self.beta_start}, rungs={self.rungs})"
+        )
 
 
 @torch.no_grad()
@@ -84,9 +129,15 @@ class StepBudget:
     :param bool prune: reduce the components at each window end at beta 1.
     :param guide: the guide (pruned only if a set-up stratified AutoMixtureFlow).
     :param optim: the Pyro optimiser (state of removed parameters is dropped).
+    :param target: the :class:`~pyro_mogflow.TemperedModel` being trained, or ``None``; when
+        its schedule is a :class:`ladder_beta_schedule`, a rung ends as soon as a
+        ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
+        passes: the adaptive anneal.
     """
 
-    def __init__(self, num_steps, max_steps: int, convergence, prune: bool, guide, optim):
+    def __init__(
+        self, num_steps, max_steps: int, convergence, prune: bool, guide, optim, target=None
+    ):
         self.auto = num_steps == "auto"
         self.total = max_steps if self.auto else num_steps
         self.test = convergence if self.auto else None
@@ -96,6 +147,21 @@ class StepBudget:
         self.at_one = 0
         self.reduced: list[dict] = []
         self.reason: str | None = None
+        ladder = getattr(target, "schedule", None)
+        self.ladder = target if isinstance(ladder, ladder_beta_schedule) else None
+        self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
+        self.rungs_cut: list[int] = []
+
+    def _rung_done(self, step: int, loss: float, weights, groups) -> None:
+        """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
+        target, schedule = self.ladder, self.ladder.schedule
+        if schedule.rung(target.step) != schedule.rung(target.step - 1):
+            self.rung_test.reset()  # the step just taken was the last of its rung
+            return
+        if self.rung_test.update(step, loss, 1.0, weights, groups):
+            target.step = schedule.next_rung(target.step)
+            self.rungs_cut.append(step)
+            self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
 
     def after_step(self, step: int, loss: float, beta: float) -> bool:
         """Record a finished step; return True when the fit should stop (see :attr:`reason`)."""
@@ -110,18 +176,20 @@ class StepBudget:
                 if self.test is not None:
                     self.test.reset()
                 return False
+        guide = self.guide
+        weights = groups = None
+        if isinstance(guide, AutoMixtureFlow) and guide.prototype_trace is not None:
+
+            def weights():
+                return torch.softmax(guide.logits.detach(), -1)
+
+            def groups():  # the modes, as components(...)["groups"] finds them
+                found = group_components(guide.locs.detach(), guide.scales.detach(), weights())
+                return [g["components"] for g in found]
+
+        if self.ladder is not None and beta < 1:
+            self._rung_done(step, loss, weights, groups)
         if self.test is not None:
-            guide = self.guide
-            weights = groups = None
-            if isinstance(guide, AutoMixtureFlow) and guide.prototype_trace is not None:
-
-                def weights():
-                    return torch.softmax(guide.logits.detach(), -1)
-
-                def groups():  # the modes, as components(...)["groups"] finds them
-                    found = group_components(guide.locs.detach(), guide.scales.detach(), weights())
-                    return [g["components"] for g in found]
-
             if self.test.update(step, loss, beta, weights, groups):
                 self.reason = self.test.reason
                 return True

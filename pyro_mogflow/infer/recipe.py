@@ -104,7 +104,7 @@ from pyro.infer.util import zero_grads
 
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
-from .budget import StepBudget, auto_beta_schedule
+from .budget import StepBudget, auto_beta_schedule, ladder_beta_schedule
 from .component_steps import check_component_step
 from .convergence import PlateauTest
 from .fit_result import FitResult
@@ -161,6 +161,7 @@ def fit(
     num_steps: int | str = "auto",
     max_steps: int = 10000,
     anneal_steps: int = 1000,
+    anneal: str = "fixed",
     prune: bool | None = None,
     convergence: PlateauTest | None = None,
     lr: float = 0.02,
@@ -282,6 +283,8 @@ def fit(
         num_steps = check_int("num_steps", num_steps, 1)
     max_steps = check_int("max_steps", max_steps, 1)
     anneal_steps = check_int("anneal_steps", anneal_steps, 1)
+    if anneal not in ("fixed", "adaptive"):
+        raise ValueError(f"anneal must be 'fixed' or 'adaptive', got {anneal!r}")
     if prune is None:
         prune = num_steps == "auto"
     elif not isinstance(prune, bool):
@@ -323,7 +326,10 @@ def fit(
         )
     kwargs = _model_kwargs(model, model_kwargs, model_keywords)
     if beta == "auto" and num_steps == "auto":
-        schedule = auto_beta_schedule(anneal_steps, beta_start)
+        ladder = anneal == "adaptive"
+        schedule = (ladder_beta_schedule if ladder else auto_beta_schedule)(
+            anneal_steps, beta_start
+        )
     elif beta == "auto":
         schedule = default_beta_schedule(num_steps, beta_start, beta_fraction)
     elif beta is None or callable(beta):
@@ -400,7 +406,9 @@ def fit(
             zero_grads(params)
             return value
 
-    budget = StepBudget(num_steps, max_steps, convergence, prune and global_mixture, guide, optim)
+    budget = StepBudget(
+        num_steps, max_steps, convergence, prune and global_mixture, guide, optim, target
+    )
     losses = []
     from tqdm.auto import tqdm
 
