@@ -1,4 +1,4 @@
-"""fit(num_steps="auto"): fixed anneal, pruning at beta 1, stop on a plateau or at max_steps."""
+"""fit(num_steps="auto"): adaptive or fixed anneal, pruning at beta 1, stop on a plateau or at max_steps."""
 
 from __future__ import annotations
 
@@ -160,7 +160,6 @@ def test_the_adaptive_anneal_cuts_flat_rungs_short_and_keeps_both_modes():
     betas = []
     result = _auto(
         target,
-        anneal="adaptive",
         anneal_steps=1000,
         max_steps=3000,
         callback=lambda step, loss, beta: betas.append(beta) and None,
@@ -176,5 +175,10 @@ def test_the_adaptive_anneal_cuts_flat_rungs_short_and_keeps_both_modes():
 
 def test_a_fixed_anneal_is_the_geometric_schedule():
     betas = []
-    _auto(two_modes(), max_steps=160, callback=lambda step, loss, beta: betas.append(beta) and None)
+    _auto(
+        two_modes(),
+        anneal="fixed",
+        max_steps=160,
+        callback=lambda step, loss, beta: betas.append(beta) and None,
+    )
     assert sum(b < 1 for b in betas) == 150 and len(set(betas[:150])) == 150
