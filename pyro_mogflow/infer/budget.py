@@ -11,10 +11,7 @@ With ``num_steps="auto"`` (the default) a fit
    target is fixed, so the test compares like with like, and where the components have
    nothing left to do at that temperature the fit moves on instead of waiting out the rung.
    ``anneal="fixed"`` is the smooth geometric schedule over all ``anneal_steps``
-   (:func:`auto_beta_schedule`). On the logistic regression of ``benchmarks/scaling.py``
-   (N = 1000) the ladder annealed in 824 steps instead of 1000 and the fit converged in 30 s
-   instead of 42 s; on grid9 and signreg (2 seeds) it found every mode with mass TV and
-   reverse KL no worse (README, "A budget that follows the problem").
+   (:func:`auto_beta_schedule`); README, "A budget that follows the problem", compares them.
 2. then, every ``window`` steps at :math:`\beta = 1`, prunes the components of negligible
    weight and merges the components that found the same mode
    (:func:`reduce_components`, with ``prune=True``), so later steps evaluate only the

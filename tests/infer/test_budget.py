@@ -1,4 +1,4 @@
-"""fit(num_steps="auto"): adaptive or fixed anneal, pruning at beta 1, stop on a plateau or at max_steps."""
+"""fit(num_steps="auto"): adaptive or fixed anneal, pruning at beta 1, plateau stop, max_steps."""
 
 from __future__ import annotations
 
