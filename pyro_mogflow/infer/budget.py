@@ -10,6 +10,9 @@ With ``num_steps="auto"`` (the default) a fit
    steps, one pass) finds its tempered ELBO flat and the mode masses settled: on one rung the
    target is fixed, so the test compares like with like, and where the components have
    nothing left to do at that temperature the fit moves on instead of waiting out the rung.
+   At the end of every rung the components of negligible weight are pruned (as in 2, never
+   merged: copies at a low temperature may still part for different modes), so the later
+   rungs pay only for the components still in play.
    ``anneal="fixed"`` is the smooth geometric schedule over all ``anneal_steps``
    (:func:`auto_beta_schedule`); README, "A budget that follows the problem", compares them.
 2. then, every ``window`` steps at :math:`\beta = 1`, prunes the components of negligible
@@ -121,11 +124,13 @@ def _check_unit(name: str, value) -> float:
 
 
 @torch.no_grad()
-def reduce_components(guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS) -> dict:
+def reduce_components(
+    guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS, merge: bool = True
+) -> dict:
     r"""Prune the lightest components and merge those on one mode (a step of ``fit``).
 
     Components are pruned lightest first while each weighs at most ``prune_mass / K`` and
-    together at most ``prune_mass``; the survivors are merged where
+    together at most ``prune_mass``; with ``merge`` (default) the survivors are merged where
     :func:`~pyro_mogflow.guides.pruning.mergeable_groups` links them. One call of
     :func:`~pyro_mogflow.guides.pruning.prune_and_merge` does both.
 
@@ -139,7 +144,10 @@ def reduce_components(guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS) ->
     dropped = set(order[light].tolist()[: k - 1])  # never prune every component
     keep = [i for i in range(k) if i not in dropped]
     idx = torch.tensor(keep, device=guide.locs.device)
-    groups = mergeable_groups(guide.locs.detach()[idx], guide.scales.detach()[idx])
+    if merge:
+        groups = mergeable_groups(guide.locs.detach()[idx], guide.scales.detach()[idx])
+    else:
+        groups = [[i] for i in range(len(keep))]
     groups = [[keep[i] for i in g] for g in groups]
     if len(groups) == k:
         return {"pruned": 0, "merged": 0, "pruned_mass": 0.0}
@@ -170,7 +178,8 @@ class StepBudget:
     :param target: the :class:`~pyro_mogflow.TemperedModel` being trained, or ``None``; when
         its schedule is a :class:`ladder_beta_schedule`, a rung ends as soon as a
         ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
-        passes: the adaptive anneal.
+        passes: the adaptive anneal; with ``prune`` every rung end also prunes the negligible
+        components (``reduce_components(guide, merge=False)``).
     """
 
     def __init__(
@@ -194,12 +203,23 @@ class StepBudget:
         """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
         target, schedule = self.ladder, self.ladder.schedule
         if schedule.rung(target.step) != schedule.rung(target.step - 1):
-            self.rung_test.reset()  # the step just taken was the last of its rung
+            self._rung_end(step)  # the step just taken was the last of its rung
             return
         if self.rung_test.update(step, loss, 1.0, weights, groups):
             target.step = schedule.next_rung(target.step)
             self.rungs_cut.append(step)
-            self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
+            self._rung_end(step)
+
+    def _rung_end(self, step: int) -> None:
+        """A new rung: a fresh plateau test; prune (never merge) the negligible components."""
+        self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
+        if self.prune:
+            change = reduce_components(self.guide, merge=False)
+            if change["pruned"]:
+                change["step"] = step
+                change["num_components"] = self.guide.num_components
+                self.reduced.append(change)
+                _drop_stale_optimizer_state(self.optim, self.guide)
 
     def after_step(self, step: int, loss: float, beta: float) -> bool:
         """Record a finished step; return True when the fit should stop (see :attr:`reason`)."""
