@@ -10,9 +10,6 @@ With ``num_steps="auto"`` (the default) a fit
    steps, one pass) finds its tempered ELBO flat and the mode masses settled: on one rung the
    target is fixed, so the test compares like with like, and where the components have
    nothing left to do at that temperature the fit moves on instead of waiting out the rung.
-   At the end of every rung the components of negligible weight are pruned (as in 2, never
-   merged: copies at a low temperature may still part for different modes), so the later
-   rungs pay only for the components still in play.
    ``anneal="fixed"`` is the smooth geometric schedule over all ``anneal_steps``
    (:func:`auto_beta_schedule`); README, "A budget that follows the problem", compares them.
 2. then, every ``window`` steps at :math:`\beta = 1`, prunes the components of negligible
@@ -38,6 +35,7 @@ from .tempering import Schedule, exponential_schedule
 
 __all__ = [
     "ANNEAL_RUNGS",
+    "LadderSchedule",
     "PRUNE_MASS",
     "RUNG_WINDOW",
     "StepBudget",
@@ -63,7 +61,7 @@ def auto_beta_schedule(anneal_steps: int, beta_start: float = 0.01) -> Schedule:
     return exponential_schedule(beta_start, 1.0, anneal_steps)
 
 
-class ladder_beta_schedule:  # noqa: N801 (a schedule, called like a function)
+class LadderSchedule:
     r"""Geometric steps of :math:`\beta` from ``beta_start`` to 1, held ``anneal_steps / rungs``
     steps each: :math:`\beta_t = \beta_0^{1 - r/R}` on rung :math:`r = \lfloor t R / A
     \rfloor < R`, then 1 (:math:`A` = ``anneal_steps``, :math:`R` = ``rungs``).
@@ -75,7 +73,9 @@ class ladder_beta_schedule:  # noqa: N801 (a schedule, called like a function)
     """
 
     def __init__(self, anneal_steps: int, beta_start: float = 0.01, rungs: int = ANNEAL_RUNGS):
-        self.anneal_steps, self.beta_start, self.rungs = anneal_steps, beta_start, rungs
+        self.anneal_steps = check_int("anneal_steps", anneal_steps, 1)
+        self.beta_start = _check_unit("beta_start", beta_start)
+        self.rungs = check_int("rungs", rungs, 1)
 
     def rung(self, step: int) -> int:
         """The rung of ``step`` (``rungs`` from ``anneal_steps`` on: beta = 1)."""
@@ -90,9 +90,16 @@ class ladder_beta_schedule:  # noqa: N801 (a schedule, called like a function)
 
     def __repr__(self) -> str:
         return (
-            f"ladder_beta_schedule(anneal_steps={self.anneal_steps}, "
+            f"LadderSchedule(anneal_steps={self.anneal_steps}, "
             f"beta_start={self.beta_start}, rungs={self.rungs})"
         )
+
+
+def ladder_beta_schedule(
+    anneal_steps: int, beta_start: float = 0.01, rungs: int = ANNEAL_RUNGS
+) -> LadderSchedule:
+    """The :class:`LadderSchedule` of ``fit(num_steps="auto", anneal="adaptive")``."""
+    return LadderSchedule(anneal_steps, beta_start, rungs)
 
 
 def default_beta_schedule(
@@ -124,13 +131,11 @@ def _check_unit(name: str, value) -> float:
 
 
 @torch.no_grad()
-def reduce_components(
-    guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS, merge: bool = True
-) -> dict:
+def reduce_components(guide: AutoMixtureFlow, prune_mass: float = PRUNE_MASS) -> dict:
     r"""Prune the lightest components and merge those on one mode (a step of ``fit``).
 
     Components are pruned lightest first while each weighs at most ``prune_mass / K`` and
-    together at most ``prune_mass``; with ``merge`` (default) the survivors are merged where
+    together at most ``prune_mass``; the survivors are merged where
     :func:`~pyro_mogflow.guides.pruning.mergeable_groups` links them. One call of
     :func:`~pyro_mogflow.guides.pruning.prune_and_merge` does both.
 
@@ -144,10 +149,7 @@ def reduce_components(
     dropped = set(order[light].tolist()[: k - 1])  # never prune every component
     keep = [i for i in range(k) if i not in dropped]
     idx = torch.tensor(keep, device=guide.locs.device)
-    if merge:
-        groups = mergeable_groups(guide.locs.detach()[idx], guide.scales.detach()[idx])
-    else:
-        groups = [[i] for i in range(len(keep))]
+    groups = mergeable_groups(guide.locs.detach()[idx], guide.scales.detach()[idx])
     groups = [[keep[i] for i in g] for g in groups]
     if len(groups) == k:
         return {"pruned": 0, "merged": 0, "pruned_mass": 0.0}
@@ -176,10 +178,9 @@ class StepBudget:
     :param guide: the guide (pruned only if a set-up stratified AutoMixtureFlow).
     :param optim: the Pyro optimiser (state of removed parameters is dropped).
     :param target: the :class:`~pyro_mogflow.TemperedModel` being trained, or ``None``; when
-        its schedule is a :class:`ladder_beta_schedule`, a rung ends as soon as a
+        its schedule is a :class:`LadderSchedule`, a rung ends as soon as a
         ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
-        passes: the adaptive anneal; with ``prune`` every rung end also prunes the negligible
-        components (``reduce_components(guide, merge=False)``).
+        passes: the adaptive anneal.
     """
 
     def __init__(
@@ -195,7 +196,7 @@ class StepBudget:
         self.reduced: list[dict] = []
         self.reason: str | None = None
         ladder = getattr(target, "schedule", None)
-        self.ladder = target if isinstance(ladder, ladder_beta_schedule) else None
+        self.ladder = target if isinstance(ladder, LadderSchedule) else None
         self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
         self.rungs_cut: list[int] = []
 
@@ -203,23 +204,12 @@ class StepBudget:
         """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
         target, schedule = self.ladder, self.ladder.schedule
         if schedule.rung(target.step) != schedule.rung(target.step - 1):
-            self._rung_end(step)  # the step just taken was the last of its rung
+            self.rung_test.reset()  # the step just taken was the last of its rung
             return
         if self.rung_test.update(step, loss, 1.0, weights, groups):
             target.step = schedule.next_rung(target.step)
             self.rungs_cut.append(step)
-            self._rung_end(step)
-
-    def _rung_end(self, step: int) -> None:
-        """A new rung: a fresh plateau test; prune (never merge) the negligible components."""
-        self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
-        if self.prune:
-            change = reduce_components(self.guide, merge=False)
-            if change["pruned"]:
-                change["step"] = step
-                change["num_components"] = self.guide.num_components
-                self.reduced.append(change)
-                _drop_stale_optimizer_state(self.optim, self.guide)
+            self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
 
     def after_step(self, step: int, loss: float, beta: float) -> bool:
         """Record a finished step; return True when the fit should stop (see :attr:`reason`)."""

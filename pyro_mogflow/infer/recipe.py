@@ -41,9 +41,8 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    :meth:`StratifiedELBO.particles <pyro_mogflow.StratifiedELBO.particles>`.
 5. **Balanced weights.** After the last step, :func:`balance_weights` sets the weights once
    more from ``balance_particles`` draws per component.
-6. **A budget that follows the problem** (``num_steps="auto"``): at the end of every rung of
-   the anneal the components of negligible weight are pruned, at :math:`\beta = 1` also those
-   on one mode merged, and the fit stops
+6. **A budget that follows the problem** (``num_steps="auto"``): at :math:`\beta = 1` the
+   components of negligible weight are pruned and those on one mode merged, and the fit stops
    when the ELBO and the masses reach a plateau (:mod:`~pyro_mogflow.infer.budget`).
 
 A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
@@ -176,9 +175,9 @@ def fit(
         tempered = TemperedModel(model, ladder_beta_schedule(1000), observed_only=True)
         # Adam steps (lr 0.02) of StratifiedELBO on the tempered model (a rung of beta ends
         # early when PlateauTest(window=25, patience=1) passes on it), the logits moved by
-        # natural-gradient steps (eta 0.05), negligible components pruned at each rung end,
-        # components pruned and merged every 100 steps at beta = 1, until PlateauTest()
-        # passes (at most 10000 steps), then balance_weights(..., objective="forward").
+        # natural-gradient steps (eta 0.05), components pruned and merged every 100 steps at
+        # beta = 1, until PlateauTest() passes (at most 10000 steps), then
+        # balance_weights(..., objective="forward").
 
     :param callable model: the Pyro model.
     :param args: the model's positional arguments (its data).
@@ -204,8 +203,7 @@ def fit(
         smooth over all ``anneal_steps``). A fit resumed with ``start_step`` restarts the
         ladder at the rung of ``start_step``; use ``"fixed"`` for an exactly resumable path.
     :param prune: prune negligible components and merge components on one mode every
-        ``convergence.window`` steps at :math:`\beta = 1` (and, with ``anneal="adaptive"``,
-        prune the negligible ones at every rung end)
+        ``convergence.window`` steps at :math:`\beta = 1`
         (:func:`~pyro_mogflow.infer.budget.reduce_components`), so later steps cost less.
         Default ``None``: on with ``num_steps="auto"``, off with an int.
     :param convergence: the :class:`~pyro_mogflow.infer.convergence.PlateauTest` of
