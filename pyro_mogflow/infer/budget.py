@@ -212,7 +212,7 @@ class StepBudget:
             self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
 
     def after_step(self, step: int, loss: float, beta: float) -> bool:
-        """Record a finished step; return True when the fit should stop (see :attr:`reason`)."""
+        """Record a finished step; return True when the fit should stop (see ``reason``)."""
         self.at_one = self.at_one + 1 if beta >= 1 else 0
         if self.prune and self.at_one and self.at_one % self.window == 0:
             change = reduce_components(self.guide)

@@ -190,7 +190,7 @@ def fit(
     :param num_steps: ``"auto"`` (default): anneal over ``anneal_steps`` steps, then run at
         :math:`\beta = 1` until ``convergence`` says the ELBO and the component masses have
         stopped moving (:mod:`~pyro_mogflow.infer.convergence`), or until ``max_steps``; the
-        progress bar and :attr:`FitResult.reason` say which. An int: exactly that many steps
+        progress bar and ``FitResult.reason`` say which. An int: exactly that many steps
         (the schedule anneals over ``beta_fraction`` of them; nothing pruned unless
         ``prune=True``), as before the automatic budget.
     :param int max_steps: the cap on the steps with ``num_steps="auto"`` (default 10000).
