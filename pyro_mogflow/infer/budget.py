@@ -2,8 +2,16 @@ r"""How long :func:`~pyro_mogflow.fit` runs and how many components it pays for.
 
 With ``num_steps="auto"`` (the default) a fit
 
-1. anneals :math:`\beta` geometrically from ``beta_start`` to 1 over ``anneal_steps`` steps
-   (:func:`auto_beta_schedule`: a schedule that does not depend on the fit's unknown length);
+1. anneals :math:`\beta` geometrically from ``beta_start`` to 1 in at most ``anneal_steps``
+   steps (a schedule that does not depend on the fit's unknown length). With
+   ``anneal="adaptive"`` (the default) :math:`\beta` climbs a ladder of :data:`ANNEAL_RUNGS`
+   rungs (:func:`ladder_beta_schedule`) and a rung ends as soon as a
+   :class:`~pyro_mogflow.infer.convergence.PlateauTest` (windows of :data:`RUNG_WINDOW`
+   steps, one pass) finds its tempered ELBO flat and the mode masses settled: on one rung the
+   target is fixed, so the test compares like with like, and where the components have
+   nothing left to do at that temperature the fit moves on instead of waiting out the rung.
+   ``anneal="fixed"`` is the smooth geometric schedule over all ``anneal_steps``
+   (:func:`auto_beta_schedule`); README, "A budget that follows the problem", compares them.
 2. then, every ``window`` steps at :math:`\beta = 1`, prunes the components of negligible
    weight and merges the components that found the same mode
    (:func:`reduce_components`, with ``prune=True``), so later steps evaluate only the
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
 from ..guides.covariance import component_scales
 from ..guides.pruning import mergeable_groups, prune_and_merge
@@ -25,7 +34,22 @@ from ..guides.summaries import group_components
 from .convergence import PlateauTest
 from .tempering import Schedule, exponential_schedule
 
-__all__ = ["PRUNE_MASS", "StepBudget", "auto_beta_schedule", "reduce_components"]
+__all__ = [
+    "ANNEAL_RUNGS",
+    "LadderSchedule",
+    "PRUNE_MASS",
+    "RUNG_WINDOW",
+    "StepBudget",
+    "auto_beta_schedule",
+    "default_beta_schedule",
+    "ladder_beta_schedule",
+    "reduce_components",
+]
+
+#: Rungs of the adaptive anneal below beta = 1 (:func:`ladder_beta_schedule`).
+ANNEAL_RUNGS = 10
+#: Window of the plateau test that ends a rung early (two windows at least per rung).
+RUNG_WINDOW = 25
 
 #: Most weight :func:`reduce_components` prunes at once; each pruned component weighs at most
 #: this divided by the number of components.
@@ -36,6 +60,75 @@ def auto_beta_schedule(anneal_steps: int, beta_start: float = 0.01) -> Schedule:
     r""":math:`\beta_t = \beta_0^{1 - \min(t / A, 1)}`: geometric from ``beta_start`` to 1 over
     ``anneal_steps`` (:math:`A`) steps, then 1 (the schedule of ``fit(num_steps="auto")``)."""
     return exponential_schedule(beta_start, 1.0, anneal_steps)
+
+
+class LadderSchedule:
+    r"""Geometric steps of :math:`\beta` from ``beta_start`` to 1, held ``anneal_steps / rungs``
+    steps each: :math:`\beta_t = \beta_0^{1 - r/R}` on rung :math:`r = \lfloor t R / A
+    \rfloor < R`, then 1 (:math:`A` = ``anneal_steps``, :math:`R` = ``rungs``).
+
+    The schedule of ``fit(num_steps="auto", anneal="adaptive")``: every rung holds one
+    :math:`\beta`, so the tempered ELBO on a rung is one objective and a plateau test on it
+    is valid; :class:`StepBudget` then jumps to the next rung (:meth:`next_rung`). A rung
+    never lasts longer than in the fixed schedule.
+    """
+
+    def __init__(self, anneal_steps: int, beta_start: float = 0.01, rungs: int = ANNEAL_RUNGS):
+        self.anneal_steps = check_int("anneal_steps", anneal_steps, 1)
+        self.beta_start = _check_unit("beta_start", beta_start)
+        self.rungs = check_int("rungs", rungs, 1)
+
+    def rung(self, step: int) -> int:
+        """The rung of ``step`` (``rungs`` from ``anneal_steps`` on: beta = 1)."""
+        return min(step * self.rungs // self.anneal_steps, self.rungs)
+
+    def next_rung(self, step: int) -> int:
+        """The first step of the rung after the one of ``step``."""
+        return -(-(self.rung(step) + 1) * self.anneal_steps // self.rungs)
+
+    def __call__(self, step: int) -> float:
+        return self.beta_start ** (1 - self.rung(step) / self.rungs)
+
+    def __repr__(self) -> str:
+        return (
+            f"LadderSchedule(anneal_steps={self.anneal_steps}, "
+            f"beta_start={self.beta_start}, rungs={self.rungs})"
+        )
+
+
+def ladder_beta_schedule(
+    anneal_steps: int, beta_start: float = 0.01, rungs: int = ANNEAL_RUNGS
+) -> LadderSchedule:
+    """The :class:`LadderSchedule` of ``fit(num_steps="auto", anneal="adaptive")``."""
+    return LadderSchedule(anneal_steps, beta_start, rungs)
+
+
+def default_beta_schedule(
+    num_steps: int, beta_start: float = 0.01, beta_fraction: float = 0.5
+) -> Schedule:
+    r"""The default tempering: :math:`\beta` geometric from ``beta_start`` to 1.
+
+    .. math:: \beta_t = \beta_0^{\,1 - \min(t / (f T), 1)}
+
+    with :math:`T` = ``num_steps`` and :math:`f` = ``beta_fraction``; :math:`\beta = 1` for
+    the last :math:`(1 - f) T` steps.
+
+    :param int num_steps: ``T``, the total number of steps of the fit.
+    :param float beta_start: :math:`\beta_0 \in (0, 1]`.
+    :param float beta_fraction: :math:`f \in (0, 1]`, the fraction of the steps spent annealing.
+    :return: a :class:`~pyro_mogflow.Schedule`.
+    """
+    num_steps = check_int("num_steps", num_steps, 1)
+    beta_start = _check_unit("beta_start", beta_start)
+    beta_fraction = _check_unit("beta_fraction", beta_fraction)
+    return exponential_schedule(beta_start, 1.0, max(1, round(beta_fraction * num_steps)))
+
+
+def _check_unit(name: str, value) -> float:
+    value = check_real(name, value, minimum=0.0, strict=True)
+    if value > 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
 
 
 @torch.no_grad()
@@ -85,9 +178,15 @@ class StepBudget:
     :param bool prune: reduce the components at each window end at beta 1.
     :param guide: the guide (pruned only if a set-up stratified AutoMixtureFlow).
     :param optim: the Pyro optimiser (state of removed parameters is dropped).
+    :param target: the :class:`~pyro_mogflow.TemperedModel` being trained, or ``None``; when
+        its schedule is a :class:`LadderSchedule`, a rung ends as soon as a
+        ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
+        passes: the adaptive anneal.
     """
 
-    def __init__(self, num_steps, max_steps: int, convergence, prune: bool, guide, optim):
+    def __init__(
+        self, num_steps, max_steps: int, convergence, prune: bool, guide, optim, target=None
+    ):
         self.auto = num_steps == "auto"
         self.total = max_steps if self.auto else num_steps
         self.test = convergence if self.auto else None
@@ -97,6 +196,21 @@ class StepBudget:
         self.at_one = 0
         self.reduced: list[dict] = []
         self.reason: str | None = None
+        ladder = getattr(target, "schedule", None)
+        self.ladder = target if isinstance(ladder, LadderSchedule) else None
+        self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
+        self.rungs_cut: list[int] = []
+
+    def _rung_done(self, step: int, loss: float, weights, groups) -> None:
+        """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
+        target, schedule = self.ladder, self.ladder.schedule
+        if schedule.rung(target.step) != schedule.rung(target.step - 1):
+            self.rung_test.reset()  # the step just taken was the last of its rung
+            return
+        if self.rung_test.update(step, loss, 1.0, weights, groups):
+            target.step = schedule.next_rung(target.step)
+            self.rungs_cut.append(step)
+            self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
 
     def after_step(self, step: int, loss: float, beta: float) -> bool:
         """Record a finished step; return True when the fit should stop (see ``reason``)."""
@@ -111,19 +225,21 @@ class StepBudget:
                 if self.test is not None:
                     self.test.reset()
                 return False
+        guide = self.guide
+        weights = groups = None
+        if isinstance(guide, AutoMixtureFlow) and guide.prototype_trace is not None:
+
+            def weights():
+                return torch.softmax(guide.logits.detach(), -1)
+
+            def groups():  # the modes, as components(...)["groups"] finds them
+                scales = component_scales(guide)
+                found = group_components(guide.locs.detach(), scales, weights())
+                return [g["components"] for g in found]
+
+        if self.ladder is not None and beta < 1:
+            self._rung_done(step, loss, weights, groups)
         if self.test is not None:
-            guide = self.guide
-            weights = groups = None
-            if isinstance(guide, AutoMixtureFlow) and guide.prototype_trace is not None:
-
-                def weights():
-                    return torch.softmax(guide.logits.detach(), -1)
-
-                def groups():  # the modes, as components(...)["groups"] finds them
-                    scales = component_scales(guide)
-                    found = group_components(guide.locs.detach(), scales, weights())
-                    return [g["components"] for g in found]
-
             if self.test.update(step, loss, beta, weights, groups):
                 self.reason = self.test.reason
                 return True

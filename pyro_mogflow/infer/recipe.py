@@ -14,8 +14,10 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
-   over ``anneal_steps`` steps (with an int ``num_steps``: over its first ``beta_fraction``,
-   :func:`default_beta_schedule`): the components
+   in at most ``anneal_steps`` steps, rung by rung, a rung ending early once the tempered ELBO
+   on it is flat (``anneal="adaptive"``, :mod:`~pyro_mogflow.infer.budget`; with an int
+   ``num_steps``: smoothly over its first ``beta_fraction``, :func:`default_beta_schedule`):
+   the components
    first fit the broad prior and then follow the posterior as it sharpens, landing on every mode
    instead of the one nearest to their start.
 3. **The exact expectation over components** (:class:`~pyro_mogflow.StratifiedELBO`) for an
@@ -109,7 +111,13 @@ from pyro.infer.util import zero_grads
 from .._validation import check_int, check_real
 from ..guides import AutoMixtureFlow
 from ..guides.covariance import check_covariance
-from .budget import StepBudget, auto_beta_schedule
+from .budget import (
+    StepBudget,
+    _check_unit,
+    auto_beta_schedule,
+    default_beta_schedule,
+    ladder_beta_schedule,
+)
 from .component_steps import check_component_step, check_stratified_guide
 from .convergence import PlateauTest
 from .fit_result import FitResult
@@ -127,37 +135,9 @@ from .recipe_checks import (
 )
 from .stratified import StratifiedELBO
 from .subsampling import unless_subsampled
-from .tempering import Schedule, TemperedModel, exponential_schedule
+from .tempering import TemperedModel
 
 __all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
-
-
-def default_beta_schedule(
-    num_steps: int, beta_start: float = 0.01, beta_fraction: float = 0.5
-) -> Schedule:
-    r"""The default tempering: :math:`\beta` geometric from ``beta_start`` to 1.
-
-    .. math:: \beta_t = \beta_0^{\,1 - \min(t / (f T), 1)}
-
-    with :math:`T` = ``num_steps`` and :math:`f` = ``beta_fraction``; :math:`\beta = 1` for
-    the last :math:`(1 - f) T` steps.
-
-    :param int num_steps: ``T``, the total number of steps of the fit.
-    :param float beta_start: :math:`\beta_0 \in (0, 1]`.
-    :param float beta_fraction: :math:`f \in (0, 1]`, the fraction of the steps spent annealing.
-    :return: a :class:`~pyro_mogflow.Schedule`.
-    """
-    num_steps = check_int("num_steps", num_steps, 1)
-    beta_start = _check_unit("beta_start", beta_start)
-    beta_fraction = _check_unit("beta_fraction", beta_fraction)
-    return exponential_schedule(beta_start, 1.0, max(1, round(beta_fraction * num_steps)))
-
-
-def _check_unit(name: str, value) -> float:
-    value = check_real(name, value, minimum=0.0, strict=True)
-    if value > 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
 
 
 def fit(
@@ -167,6 +147,7 @@ def fit(
     num_steps: int | str = "auto",
     max_steps: int = 10000,
     anneal_steps: int = 1000,
+    anneal: str = "adaptive",
     prune: bool | None = None,
     convergence: PlateauTest | None = None,
     lr: float = 0.02,
@@ -198,8 +179,9 @@ def fit(
     .. code-block:: python
 
         guide = AutoMixtureFlow(model)                     # K = 64, stratified, prior init
-        tempered = TemperedModel(model, auto_beta_schedule(1000), observed_only=True)
-        # StratifiedELBO steps on the tempered model (antithetic pairs): the means and scales
+        tempered = TemperedModel(model, ladder_beta_schedule(1000), observed_only=True)
+        # StratifiedELBO steps on the tempered model (antithetic pairs; a rung of beta ends
+        # early when PlateauTest(window=25, patience=1) passes on it): the means and scales
         # moved by iBLR natural-gradient steps, the logits by natural-gradient steps (eta
         # 0.05), a flow by Adam (lr 0.02 / 10); components pruned and merged every 100 steps at
         # beta = 1, until PlateauTest() passes (at most 10000 steps), then
@@ -220,7 +202,14 @@ def fit(
         (the schedule anneals over ``beta_fraction`` of them; nothing pruned unless
         ``prune=True``), as before the automatic budget.
     :param int max_steps: the cap on the steps with ``num_steps="auto"`` (default 10000).
-    :param int anneal_steps: steps of the default tempering with ``num_steps="auto"`` (1000).
+    :param int anneal_steps: most steps of the default tempering with ``num_steps="auto"``
+        (1000).
+    :param str anneal: the default tempering with ``num_steps="auto"``: ``"adaptive"``
+        (default: :func:`~pyro_mogflow.infer.budget.ladder_beta_schedule`, 10 geometric rungs
+        of :math:`\beta`, each ended as soon as a plateau test on its tempered ELBO and mode
+        masses passes) or ``"fixed"`` (:func:`~pyro_mogflow.infer.budget.auto_beta_schedule`,
+        smooth over all ``anneal_steps``). A fit resumed with ``start_step`` restarts the
+        ladder at the rung of ``start_step``; use ``"fixed"`` for an exactly resumable path.
     :param prune: prune negligible components and merge components on one mode every
         ``convergence.window`` steps at :math:`\beta = 1`
         (:func:`~pyro_mogflow.infer.budget.reduce_components`), so later steps cost less.
@@ -299,6 +288,8 @@ def fit(
         num_steps = check_int("num_steps", num_steps, 1)
     max_steps = check_int("max_steps", max_steps, 1)
     anneal_steps = check_int("anneal_steps", anneal_steps, 1)
+    if anneal not in ("fixed", "adaptive"):
+        raise ValueError(f"anneal must be 'fixed' or 'adaptive', got {anneal!r}")
     if prune is None:
         prune = num_steps == "auto"
     elif not isinstance(prune, bool):
@@ -341,7 +332,10 @@ def fit(
         )
     kwargs = _model_kwargs(model, model_kwargs, model_keywords)
     if beta == "auto" and num_steps == "auto":
-        schedule = auto_beta_schedule(anneal_steps, beta_start)
+        ladder = anneal == "adaptive"
+        schedule = (ladder_beta_schedule if ladder else auto_beta_schedule)(
+            anneal_steps, beta_start
+        )
     elif beta == "auto":
         schedule = default_beta_schedule(num_steps, beta_start, beta_fraction)
     elif beta is None or callable(beta):
@@ -419,7 +413,9 @@ def fit(
             zero_grads(params)
             return value
 
-    budget = StepBudget(num_steps, max_steps, convergence, prune and global_mixture, guide, optim)
+    budget = StepBudget(
+        num_steps, max_steps, convergence, prune and global_mixture, guide, optim, target
+    )
     losses = []
     from tqdm.auto import tqdm
 

@@ -1,4 +1,4 @@
-"""fit(num_steps="auto"): fixed anneal, pruning at beta 1, stop on a plateau or at max_steps."""
+"""fit(num_steps="auto"): adaptive or fixed anneal, pruning at beta 1, plateau stop, max_steps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import torch
 
 from pyro_mogflow import AutoMixtureFlow, fit
 from pyro_mogflow.examples import gaussian_mixture_target
-from pyro_mogflow.infer.budget import PRUNE_MASS, reduce_components
+from pyro_mogflow.infer.budget import (
+    ANNEAL_RUNGS,
+    PRUNE_MASS,
+    RUNG_WINDOW,
+    ladder_beta_schedule,
+    reduce_components,
+)
 from pyro_mogflow.infer.convergence import PlateauTest
 from tests.infer.helpers import fit_target
 
@@ -105,6 +111,7 @@ def test_an_auto_fit_resumes_where_the_callback_stopped_it():
         ({"max_steps": 0}, ValueError, "max_steps"),
         ({"anneal_steps": 0}, ValueError, "anneal_steps"),
         ({"prune": "yes"}, TypeError, "prune"),
+        ({"anneal": "fast"}, ValueError, "anneal"),
         ({"convergence": 100}, TypeError, "convergence"),
         ({"max_steps": 10, "start_step": 10}, ValueError, "max_steps=10"),
     ],
@@ -136,3 +143,46 @@ def test_reduce_components_prunes_at_most_the_negligible_mass_and_merges_copies(
     torch.testing.assert_close(
         weights, torch.tensor([0.9, 0.1 - 5.2e-4, 5e-4]) / (1 - 2e-5), check_dtype=False
     )
+
+
+def test_the_ladder_schedule_holds_each_rung_and_reaches_one_at_anneal_steps():
+    ladder = ladder_beta_schedule(100, beta_start=0.01, rungs=4)
+    betas = [ladder(t) for t in range(120)]
+    assert betas[0] == pytest.approx(0.01) and betas[24] == pytest.approx(0.01)
+    assert betas[25] == pytest.approx(0.01**0.75) and betas[99] == pytest.approx(0.01**0.25)
+    assert set(betas[100:]) == {1.0}
+    assert len(set(betas)) == 5 and betas == sorted(betas)
+    assert [ladder.next_rung(t) for t in (0, 24, 25, 99)] == [25, 25, 50, 100]
+    with pytest.raises(ValueError, match="beta_start"):
+        ladder_beta_schedule(100, beta_start=2.0)
+    with pytest.raises(ValueError, match="rungs"):
+        ladder_beta_schedule(100, rungs=0)
+
+
+def test_the_adaptive_anneal_cuts_flat_rungs_short_and_keeps_both_modes():
+    target = two_modes()
+    betas = []
+    result = _auto(
+        target,
+        anneal_steps=1000,
+        max_steps=3000,
+        callback=lambda step, loss, beta: betas.append(beta) and None,
+    )
+    below_one = sum(b < 1 for b in betas)
+    # every rung ran at least two windows of its plateau test, and some ended early
+    assert 2 * RUNG_WINDOW * ANNEAL_RUNGS <= below_one < 1000
+    assert len(set(b for b in betas if b < 1)) == ANNEAL_RUNGS
+    z = result.guide.sample_posterior(20000, *target.args, **target.kwargs)["z"]
+    right = float((z > 0).double().mean())
+    assert abs(right - 0.5) < 0.05 + 3 * math.sqrt(0.25 / 20000)
+
+
+def test_a_fixed_anneal_is_the_geometric_schedule():
+    betas = []
+    _auto(
+        two_modes(),
+        anneal="fixed",
+        max_steps=160,
+        callback=lambda step, loss, beta: betas.append(beta) and None,
+    )
+    assert sum(b < 1 for b in betas) == 150 and len(set(betas[:150])) == 150
