@@ -56,9 +56,11 @@ def component_scales(guide) -> torch.Tensor:
     return guide.scales.detach()
 
 
-def set_full_params(guide, locs, scale_tril, logits) -> None:
-    """Recreate ``locs``, ``scale_tril`` and ``logits`` (old entries, ``scales`` included, are
-    dropped from Pyro's param store; a Pyro optimiser gives the new ones fresh state)."""
+def replace_mixture_params(guide, logits, locs, scales=None, scale_tril=None) -> None:
+    """Recreate the mixture parameters: ``locs`` (K', D), ``logits`` (K',) and either ``scales``
+    (K', D) or ``scale_tril`` (K', D, D). The old ones (``scales`` and ``scale_tril`` included)
+    are dropped from the module and from Pyro's param store, so a Pyro optimiser gives the new
+    ones fresh state."""
     used = guide._pyro_context.used  # else the guide never registered in the param store
     for name in ("locs", "scales", "scale_tril", "logits"):
         if name not in guide._pyro_params:
@@ -68,11 +70,21 @@ def set_full_params(guide, locs, scale_tril, logits) -> None:
         if fullname is not None and fullname in _PYRO_PARAM_STORE:
             del _PYRO_PARAM_STORE[fullname]
     guide.locs = PyroParam(locs.clone(), event_dim=2)
-    guide.scale_tril = PyroParam(
-        scale_tril.tril().clone(), constraint=constraints.softplus_lower_cholesky, event_dim=3
-    )
+    if scale_tril is None:
+        guide.scales = PyroParam(
+            scales.clone(), constraint=constraints.softplus_positive, event_dim=2
+        )
+    else:
+        guide.scale_tril = PyroParam(
+            scale_tril.tril().clone(), constraint=constraints.softplus_lower_cholesky, event_dim=3
+        )
     guide.logits = PyroParam(logits.clone(), event_dim=1)
     guide.num_components = locs.shape[0]
+
+
+def set_full_params(guide, locs, scale_tril, logits) -> None:
+    """:func:`replace_mixture_params` with full-covariance factors ``scale_tril``."""
+    replace_mixture_params(guide, logits, locs, scale_tril=scale_tril)
 
 
 @torch.no_grad()

@@ -51,11 +51,8 @@ import operator
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import constraints
-from pyro.nn import PyroParam
-from pyro.poutine.runtime import _PYRO_PARAM_STORE
 
-from .covariance import is_full, set_full_params
+from .covariance import is_full, replace_mixture_params, set_full_params
 
 __all__ = [
     "MERGE_LOC_TOLERANCE",
@@ -267,16 +264,5 @@ def _prune_and_merge_full(guide, groups) -> torch.Tensor:
 
 
 def _replace(guide, logits, locs, scales) -> None:
-    """Recreate the mixture parameters (and drop the old ones from Pyro's param store)."""
-    used = guide._pyro_context.used  # else the guide never registered in the param store
-    for name in _OWN_PARAMS:
-        if name not in guide._pyro_params:
-            continue
-        fullname = guide._pyro_get_fullname(name) if used else None
-        delattr(guide, name)
-        if fullname is not None and fullname in _PYRO_PARAM_STORE:
-            del _PYRO_PARAM_STORE[fullname]
-    guide.locs = PyroParam(locs.clone(), event_dim=2)
-    guide.scales = PyroParam(scales.clone(), constraint=constraints.softplus_positive, event_dim=2)
-    guide.logits = PyroParam(logits.clone(), event_dim=1)
-    guide.num_components = locs.shape[0]
+    """Recreate the diagonal mixture parameters (and drop the old ones from Pyro's param store)."""
+    replace_mixture_params(guide, logits, locs, scales=scales)
