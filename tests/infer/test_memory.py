@@ -11,7 +11,6 @@ import math
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
@@ -19,6 +18,8 @@ from pyro_mogflow import AutoMixtureFlow, StratifiedELBO
 from pyro_mogflow.infer import balance_weights
 from pyro_mogflow.infer.memory import ChunkPlanner, check_memory_budget, measure_peak
 from pyro_mogflow.infer.mixture_weights import natural_gradient_stepper
+
+from .helpers import grads_of, regression, regression_data, zero_noise
 
 MIB = 2**20
 
@@ -28,32 +29,6 @@ def _clean_store():
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
-
-
-def regression(x, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 2.0).to_event(1))
-    s = pyro.sample("s", dist.LogNormal(torch.zeros((), dtype=x.dtype), 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("y", dist.Normal((x * w).sum(-1), s), obs=y)
-
-
-def _data(dtype=torch.float64, n=30):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 2, generator=g, dtype=dtype)
-    return x, (x * torch.tensor([1.0, -2.0], dtype=dtype)).sum(-1).abs()
-
-
-def _zero_noise(monkeypatch):
-    real = torch.randn
-
-    def randn(*shape, **kwargs):
-        return torch.zeros_like(real(*shape, **kwargs))
-
-    monkeypatch.setattr(torch, "randn", randn)
-
-
-def _grads(guide):
-    return {name: p.grad.clone() for name, p in guide.named_parameters() if p.grad is not None}
 
 
 def _tiny_budget(elbo):
@@ -111,9 +86,9 @@ def test_an_item_over_the_budget_warns_and_runs_one_at_a_time():
 @pytest.mark.parametrize("importance_weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunked_loss_and_grads_equal_the_unchunked_ones(monkeypatch, dtype, importance_weighted):
-    x, y = _data(dtype)
+    x, y = regression_data(dtype)
     guide = AutoMixtureFlow(regression, num_components=5, flow="affine_coupling").setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     # the reference: the objective written out from one unchunked evaluation of the draws
     log_ratio, log_weights, _ = StratifiedELBO(num_particles=2).particles(regression, guide, x, y)
     if importance_weighted:
@@ -122,7 +97,7 @@ def test_chunked_loss_and_grads_equal_the_unchunked_ones(monkeypatch, dtype, imp
         objective = (log_weights.exp() * log_ratio.mean(-1)).sum()
     (-objective).backward()
     expected_loss = -float(objective.detach())
-    expected = _grads(guide)
+    expected = grads_of(guide)
     guide.zero_grad()
     elbo = StratifiedELBO(num_particles=2, importance_weighted=importance_weighted)
     _tiny_budget(elbo)
@@ -132,20 +107,20 @@ def test_chunked_loss_and_grads_equal_the_unchunked_ones(monkeypatch, dtype, imp
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     assert loss == pytest.approx(expected_loss, rel=rtol)
     assert elbo.loss(regression, guide, x, y) == pytest.approx(expected_loss, rel=rtol)
-    got = _grads(guide)
+    got = grads_of(guide)
     assert got.keys() == expected.keys() and expected
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=rtol, atol=rtol, msg=name)
     guide.zero_grad()
     elbo.differentiable_loss(regression, guide, x, y).backward()
     for name, grad in expected.items():
-        torch.testing.assert_close(_grads(guide)[name], grad, rtol=rtol, atol=rtol, msg=name)
+        torch.testing.assert_close(grads_of(guide)[name], grad, rtol=rtol, atol=rtol, msg=name)
 
 
 def test_chunks_inside_only_components_cover_that_share(monkeypatch):
-    x, y = _data()
+    x, y = regression_data()
     guide = AutoMixtureFlow(regression, num_components=6).setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     full = StratifiedELBO(memory_budget=None)
     with full.only_components([5, 1, 2]):
         expected = full.loss(regression, guide, x, y)
@@ -155,8 +130,8 @@ def test_chunks_inside_only_components_cover_that_share(monkeypatch):
 
 
 def test_chunked_natural_gradient_step_equals_the_unchunked_one(monkeypatch):
-    x, y = _data()
-    _zero_noise(monkeypatch)
+    x, y = regression_data()
+    zero_noise(monkeypatch)
     after = []
     for budget in (None, 1):
         pyro.clear_param_store()
@@ -177,7 +152,7 @@ def test_chunked_natural_gradient_step_equals_the_unchunked_one(monkeypatch):
 
 @pytest.mark.parametrize("objective", ["elbo", "forward"])
 def test_chunked_balance_weights_equal_the_unchunked_ones(objective):
-    x, y = _data()
+    x, y = regression_data()
     weights = []
     for budget in (None, 1):
         pyro.clear_param_store()
@@ -226,9 +201,9 @@ def _planned(elbo, plan):
 def test_pieces_of_draws_give_the_unchunked_value_and_gradient(
     monkeypatch, plan, importance_weighted
 ):
-    x, y = _data()
+    x, y = regression_data()
     guide = AutoMixtureFlow(regression, num_components=5, flow="affine_coupling").setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     results = []
     for elbo in (
         StratifiedELBO(
@@ -238,10 +213,10 @@ def test_pieces_of_draws_give_the_unchunked_value_and_gradient(
     ):
         guide.zero_grad()
         loss = elbo.loss_and_grads(regression, guide, x, y)
-        grads = _grads(guide)
+        grads = grads_of(guide)
         guide.zero_grad()
         elbo.differentiable_loss(regression, guide, x, y).backward()
-        results.append((loss, elbo.loss(regression, guide, x, y), grads, _grads(guide)))
+        results.append((loss, elbo.loss(regression, guide, x, y), grads, grads_of(guide)))
     (loss, value, grads, diff_grads), (loss_c, value_c, grads_c, diff_grads_c) = results
     assert loss_c == pytest.approx(loss, rel=1e-12) and value_c == pytest.approx(value, rel=1e-12)
     assert grads.keys() == grads_c.keys() == diff_grads_c.keys() and grads
@@ -252,9 +227,9 @@ def test_pieces_of_draws_give_the_unchunked_value_and_gradient(
 
 @pytest.mark.parametrize("plan", [(2, 4), (1, 3)])
 def test_particles_without_gradients_are_evaluated_in_chunks(monkeypatch, plan):
-    x, y = _data()
+    x, y = regression_data()
     guide = AutoMixtureFlow(regression, num_components=5).setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     whole = StratifiedELBO(num_particles=4, memory_budget=None)
     expected = whole.particles(regression, guide, x, y)  # with gradients: one evaluation
     elbo = _planned(StratifiedELBO(num_particles=4), plan)
@@ -270,8 +245,8 @@ def test_particles_without_gradients_are_evaluated_in_chunks(monkeypatch, plan):
 
 
 def test_chunked_natural_gradient_step_with_pieces_of_draws(monkeypatch):
-    x, y = _data()
-    _zero_noise(monkeypatch)
+    x, y = regression_data()
+    zero_noise(monkeypatch)
     after = []
     for plan in (None, (1, 2)):
         pyro.clear_param_store()

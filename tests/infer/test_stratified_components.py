@@ -15,6 +15,8 @@ import torch
 from pyro_mogflow import AutoMixtureFlow, StratifiedELBO
 from pyro_mogflow.distributions import MixtureFlow
 
+from .helpers import grads_of, regression, regression_data, zero_noise
+
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -25,42 +27,16 @@ def _clean_store():
     pyro.clear_param_store()
 
 
-def regression(x, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 2.0).to_event(1))
-    s = pyro.sample("s", dist.LogNormal(torch.zeros((), dtype=x.dtype), 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("y", dist.Normal((x * w).sum(-1), s), obs=y)
-
-
-def _data(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(30, 2, generator=g, dtype=dtype)
-    return x, (x * torch.tensor([1.0, -2.0], dtype=dtype)).sum(-1).abs()
-
-
-def _zero_noise(monkeypatch):
-    real = torch.randn
-
-    def randn(*shape, **kwargs):
-        return torch.zeros_like(real(*shape, **kwargs))
-
-    monkeypatch.setattr(torch, "randn", randn)
-
-
-def _grads(guide):
-    return {name: p.grad.clone() for name, p in guide.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("flow", [None, "affine_coupling"])
 def test_shares_of_a_partition_add_up_to_the_elbo_and_its_gradient(monkeypatch, dtype, flow):
-    x, y = _data(dtype)
+    x, y = regression_data(dtype)
     torch.manual_seed(1)
     guide = AutoMixtureFlow(regression, num_components=5, flow=flow).setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     elbo = StratifiedELBO()
     full = elbo.loss_and_grads(regression, guide, x, y)
-    expected = _grads(guide)
+    expected = grads_of(guide)
     guide.zero_grad()
     total = 0.0
     for part in ([0, 3], torch.tensor([4, 1]), [2]):
@@ -68,16 +44,16 @@ def test_shares_of_a_partition_add_up_to_the_elbo_and_its_gradient(monkeypatch, 
             total += elbo.loss_and_grads(regression, guide, x, y)
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     assert total == pytest.approx(full, rel=rtol)
-    got = _grads(guide)
+    got = grads_of(guide)
     assert expected.keys() == got.keys() and expected
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=rtol, atol=rtol, msg=name)
 
 
 def test_a_share_draws_only_its_components(monkeypatch):
-    x, y = _data(torch.float64)
+    x, y = regression_data(torch.float64)
     guide = AutoMixtureFlow(regression, num_components=4).setup(x, y)
-    _zero_noise(monkeypatch)
+    zero_noise(monkeypatch)
     elbo = StratifiedELBO(num_particles=3)
     with elbo.only_components([2, 0]):
         particles = elbo.particles(regression, guide, x, y)
@@ -101,7 +77,7 @@ def test_a_share_draws_only_its_components(monkeypatch):
     ],
 )
 def test_bad_components_are_refused(components, error, match):
-    x, y = _data(torch.float64)
+    x, y = regression_data(torch.float64)
     guide = AutoMixtureFlow(regression, num_components=4).setup(x, y)
     elbo = StratifiedELBO()
     with pytest.raises(error, match=match):
