@@ -44,9 +44,8 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 
 from pyro_mogflow import AutoMixtureFlow, MixtureNaturalGradient, StratifiedELBO, fit
-from pyro_mogflow.examples import mode_masses
 
-from .real_models import _agg, _fmt, _machine, evaluate
+from .real_models import _agg, _fmt, _machine, evaluate, truth_of
 from .real_targets import RealTarget, eight_schools, synthetic
 from .runner import run_jobs, save_report
 from .targets import build_target
@@ -110,13 +109,7 @@ GUIDES: dict[str, Callable] = {
 
 @functools.cache
 def _truth(name: str, num_truth: int = NUM_TRUTH):
-    bench = TARGETS[name]()
-    draws = bench.target.sample_exact(num_truth, torch.Generator().manual_seed(12345))
-    bins = None
-    if bench.multimodal:
-        t = bench.target
-        bins = mode_masses(draws[t.site].double(), t.modes, t.radius, elsewhere=True)
-    return bench, draws, bins
+    return truth_of(TARGETS[name](), num_truth)
 
 
 def run_job(job: dict) -> dict:

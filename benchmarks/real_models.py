@@ -149,7 +149,11 @@ DEFAULT_GUIDES = tuple(
 @functools.cache
 def _truth(name: str, num_truth: int = NUM_TRUTH):
     """The target (modes set from the ground truth if NUTS), truth draws and truth mode bins."""
-    bench = build_real_target(name)
+    return truth_of(build_real_target(name), num_truth)
+
+
+def truth_of(bench: RealTarget, num_truth: int = NUM_TRUTH):
+    """``(bench, truth draws, truth mode bins)`` of a built target (NUTS or exact draws)."""
     if bench.truth == "nuts":
         draws = load_ground_truth(bench)
         bench = bench.with_modes(draws)
