@@ -285,7 +285,7 @@ def fit(
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
     if isinstance(num_steps, str) and num_steps != "auto":
-        raise ValueError(f"num_steps must be 'auto' or an int >= 1, got {num_steps!r}")
+        raise TypeError(f"num_steps must be 'auto' or an int >= 1, got {num_steps!r}")
     if num_steps != "auto":
         num_steps = check_int("num_steps", num_steps, 1)
     max_steps = check_int("max_steps", max_steps, 1)

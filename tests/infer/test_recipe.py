@@ -186,7 +186,7 @@ def test_default_beta_schedule_is_geometric_then_one():
     [
         ({"num_steps": 0}, ValueError, "num_steps must be an int >= 1, got 0"),
         ({"num_steps": 2.5}, TypeError, "num_steps must be an int"),
-        ({"num_steps": "forever"}, ValueError, "num_steps must be .auto. or an int"),
+        ({"num_steps": "forever"}, TypeError, "num_steps must be .auto. or an int"),
         ({"lr": -1.0}, ValueError, "lr must be a finite float > 0, got -1.0"),
         ({"flow_lr": 0.0}, ValueError, "flow_lr must be a finite float > 0"),
         ({"num_particles": 0}, ValueError, "num_particles must be an int >= 1"),
