@@ -194,28 +194,12 @@ def prune_and_merge(guide, groups) -> torch.Tensor:
     groups = _check_groups(groups, k)
     if is_full(guide):
         return _prune_and_merge_full(guide, groups)
-    locs = guide.locs.detach()
-    scales = guide.scales.detach()
-    log_pi = torch.log_softmax(guide.logits.detach(), -1)
-    new_logits, new_locs, new_scales = [], [], []
-    for group in groups:
-        idx = torch.tensor(group, device=locs.device)
-        lw = log_pi[idx]
-        total = torch.logsumexp(lw, 0)
-        w = (lw - total).exp().unsqueeze(-1)  # (m, 1), summing to one
-        mu = (w * locs[idx]).sum(0)
-        if len(group) == 1:
-            sd = scales[idx[0]]
-        else:
-            second = (w * (scales[idx] ** 2 + (locs[idx] - mu) ** 2)).sum(0)
-            sd = second.sqrt()
-        new_logits.append(total)
-        new_locs.append(mu)
-        new_scales.append(sd)
-    kept = torch.logsumexp(torch.stack(new_logits), 0)
-    pruned = (1 - kept.exp()).clamp(min=0)
-    logits = torch.stack(new_logits) - kept
-    locs_new, scales_new = torch.stack(new_locs), torch.stack(new_scales)
+    locs, scales = guide.locs.detach(), guide.scales.detach()
+
+    def merge(idx, w, mu):  # the diagonal of the group's second moment about mu
+        return (w.unsqueeze(-1) * (scales[idx] ** 2 + (locs[idx] - mu) ** 2)).sum(0).sqrt()
+
+    pruned, logits, locs_new, scales_new = _moment_match(guide, groups, scales, merge)
     if not bool(torch.isfinite(logits).all() & torch.isfinite(locs_new).all()):
         raise ValueError("the reduced mixture is not finite; the guide was left unchanged")
     if not bool((scales_new > 0).all() & torch.isfinite(scales_new).all()):
@@ -224,36 +208,49 @@ def prune_and_merge(guide, groups) -> torch.Tensor:
     return pruned
 
 
-def _prune_and_merge_full(guide, groups) -> torch.Tensor:
-    """:func:`prune_and_merge` of full-covariance components (full second moments)."""
+def _moment_match(guide, groups, spreads: torch.Tensor, merge):
+    """One component per group: weights summed, mean and spread moment-matched.
+
+    :param spreads: the components' scales ``(K, D)`` or Cholesky factors ``(K, D, D)``; a
+        group of one keeps its own. :param merge: ``merge(idx, w, mu)``, the spread of a group
+        of several (``w`` its normalised weights, ``mu`` its mean).
+    :return: ``(pruned mass, logits (K',), locs (K', D), spreads (K', ...))``.
+    """
     locs = guide.locs.detach()
-    tril = guide.scale_tril.detach().tril()
     log_pi = torch.log_softmax(guide.logits.detach(), -1)
-    new_logits, new_locs, new_trils = [], [], []
+    new_logits, new_locs, new_spreads = [], [], []
     for group in groups:
         idx = torch.tensor(group, device=locs.device)
         lw = log_pi[idx]
         total = torch.logsumexp(lw, 0)
         w = (lw - total).exp()  # (m,), summing to one
         mu = (w.unsqueeze(-1) * locs[idx]).sum(0)
-        if len(group) == 1:
-            factor = tril[idx[0]]
-        else:
-            diff = locs[idx] - mu
-            cov = tril[idx] @ tril[idx].transpose(-1, -2) + diff.unsqueeze(-1) * diff.unsqueeze(-2)
-            cov = (w.reshape(-1, 1, 1) * cov).sum(0)
-            factor, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
-            if int(info):
-                raise ValueError(
-                    "a merged covariance is not positive definite; the guide was left unchanged"
-                )
         new_logits.append(total)
         new_locs.append(mu)
-        new_trils.append(factor)
+        new_spreads.append(spreads[idx[0]] if len(group) == 1 else merge(idx, w, mu))
     kept = torch.logsumexp(torch.stack(new_logits), 0)
     pruned = (1 - kept.exp()).clamp(min=0)
     logits = torch.stack(new_logits) - kept
-    locs_new, tril_new = torch.stack(new_locs), torch.stack(new_trils)
+    return pruned, logits, torch.stack(new_locs), torch.stack(new_spreads)
+
+
+def _prune_and_merge_full(guide, groups) -> torch.Tensor:
+    """:func:`prune_and_merge` of full-covariance components (full second moments)."""
+    locs = guide.locs.detach()
+    tril = guide.scale_tril.detach().tril()
+
+    def merge(idx, w, mu):  # the Cholesky factor of the group's second moment about mu
+        diff = locs[idx] - mu
+        cov = tril[idx] @ tril[idx].transpose(-1, -2) + diff.unsqueeze(-1) * diff.unsqueeze(-2)
+        cov = (w.reshape(-1, 1, 1) * cov).sum(0)
+        factor, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
+        if int(info):
+            raise ValueError(
+                "a merged covariance is not positive definite; the guide was left unchanged"
+            )
+        return factor
+
+    pruned, logits, locs_new, tril_new = _moment_match(guide, groups, tril, merge)
     finite = torch.isfinite(logits).all() & torch.isfinite(locs_new).all()
     if not bool(finite & torch.isfinite(tril_new).all()):
         raise ValueError("the reduced mixture is not finite; the guide was left unchanged")
