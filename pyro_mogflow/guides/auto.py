@@ -259,14 +259,42 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
             return init_to_median_or_zero(site)
         return init_to_prior_mean(site)
 
-    def _start_at_prior(self) -> bool:
-        """For :func:`~pyro_mogflow.fit`: a guide not set up yet whose start was left to
-        ``init_spread="auto"`` (no ``init_loc_fn``, no ``init_scale``) starts its component means
-        at prior draws, the start fit's mode finding needs. Returns whether it does."""
-        if self.prototype_trace is None and self._auto_start and self.num_components > 1:
+    def _start_at_prior(self, *args, **kwargs) -> bool:
+        """For :func:`~pyro_mogflow.fit`: a guide whose start was left to ``init_spread="auto"``
+        (no ``init_loc_fn``, no ``init_scale``) starts its component means at prior draws, the
+        start fit's mode finding needs. Returns whether it does.
+
+        A guide not set up yet is set up there. A guide already set up (e.g. by ``setup()``)
+        that still holds its plain-loop start, every component on one point with equal
+        weights, gets its means redrawn at prior draws (in place, so an optimiser's references
+        stay valid): from one point, a model with a sign symmetry keeps every component on its
+        saddle (antithetic draws about it give exactly zero mean gradients), and the fit ends
+        as one smeared component on both modes. ``args``/``kwargs`` are the model's arguments.
+        """
+        if not (self._auto_start and self.num_components > 1):
+            return False
+        if self.prototype_trace is None:
             self._init_spread = "prior"
             return True
-        return False
+        if is_full(self) or not self._at_one_point():
+            return False
+        loc = self.locs.detach()[0]
+        with torch.no_grad():
+            drawn = prior_locs(
+                self.model, self.prototype_trace, loc, self.num_components, *args, **kwargs
+            )
+            self.locs_unconstrained.copy_(drawn)
+        return True
+
+    def _at_one_point(self) -> bool:
+        """Every component has the same mean and scales and all weights are equal."""
+        with torch.no_grad():
+            locs, scales, logits = self.locs, self.scales, self.logits
+            return bool(
+                (locs == locs[:1]).all()
+                and (scales == scales[:1]).all()
+                and (logits == logits[0]).all()
+            )
 
     def _setup_prototype(self, *args, **kwargs):
         try:

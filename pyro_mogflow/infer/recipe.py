@@ -7,10 +7,12 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
 1. **Components start over the prior.** ``fit`` sets the default guide,
    ``AutoMixtureFlow(model)``, up with its ``K = 64`` component means at independent draws of
    the model's prior (``init_spread="prior"``); so it does any ``AutoMixtureFlow`` passed as
-   ``guide=`` that is not set up yet and was left at ``init_spread="auto"`` with neither
-   ``init_loc_fn`` nor ``init_scale`` (in a plain ``SVI`` loop such a guide starts as one
-   Gaussian at the prior mean instead). In a plain loop the same mode finding comes from
-   ``AutoMixtureFlow(model, init_spread="prior")`` trained with
+   ``guide=`` that was left at ``init_spread="auto"`` with neither ``init_loc_fn`` nor
+   ``init_scale``, and is not set up yet or still holds the start a set-up gives it (in a
+   plain ``SVI`` loop such a guide starts as one Gaussian at the prior mean, every component
+   on one point: its means are then redrawn at prior draws, since from one point a model
+   with a sign symmetry keeps every component on its saddle). In a plain loop the same mode
+   finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` trained with
    :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
@@ -191,10 +193,11 @@ def fit(
     :param args: the model's positional arguments (its data).
     :param guide: the guide to train; default a fresh :class:`~pyro_mogflow.AutoMixtureFlow`
         with all its defaults, set up at prior draws (item 1 above; so is an
-        ``AutoMixtureFlow`` passed here un-set-up with ``init_spread="auto"`` and neither
-        ``init_loc_fn`` nor ``init_scale``). Any :class:`~pyro.infer.autoguide.AutoGuide` (or
-        callable guide with parameters) works; a mixture with ``estimator="stratified"`` is
-        trained with :class:`~pyro_mogflow.StratifiedELBO`, anything else with ``Trace_ELBO``.
+        ``AutoMixtureFlow`` passed here with ``init_spread="auto"`` and neither
+        ``init_loc_fn`` nor ``init_scale``, un-set-up or still at its one-point start).
+        Any :class:`~pyro.infer.autoguide.AutoGuide` (or callable guide with parameters)
+        works; a mixture with ``estimator="stratified"`` is trained with
+        :class:`~pyro_mogflow.StratifiedELBO`, anything else with ``Trace_ELBO``.
     :param num_steps: ``"auto"`` (default): anneal over ``anneal_steps`` steps, then run at
         :math:`\beta = 1` until ``convergence`` says the ELBO and the component masses have
         stopped moving (:mod:`~pyro_mogflow.infer.convergence`), or until ``max_steps``; the
@@ -367,7 +370,9 @@ def fit(
         component_step = "natural" if global_mixture else "adam"
     check_stratified_guide(guide, global_mixture, component_step, covariance)
     if isinstance(guide, AutoMixtureFlow):
-        guide._start_at_prior()  # an "auto" start means prior draws under fit (item 1 above)
+        # an "auto" start means prior draws under fit (item 1 above), also for a guide the user
+        # set up that is still at its one-point start
+        guide._start_at_prior(*args, **kwargs)
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
         guide.check_model(model, *args, **kwargs)  # a guide set up for another model
     if optim is None:

@@ -115,6 +115,49 @@ def test_fit_starts_a_default_guide_at_prior_draws():
     assert float(told.locs.detach()[:, 0].std()) < 0.05
 
 
+def test_fit_respreads_a_default_guide_set_up_at_one_point():
+    from pyro_mogflow import fit
+
+    guide = AutoMixtureFlow(model, num_components=400).setup()  # every mean at the prior mean
+    fit(model, guide=guide, num_steps=2, progress=False, callback=lambda *a: True)
+    assert abs(float(guide.locs.detach()[:, 0].std()) - 1.0) < 4 / math.sqrt(2 * 400) + 0.04
+    # one that has left its start (here: components moved apart), or was told where to start,
+    # is trained from where it is
+    moved = AutoMixtureFlow(model, num_components=400).setup()
+    with torch.no_grad():
+        moved.locs_unconstrained[0, 0] += 0.5
+    fit(model, guide=moved, num_steps=2, progress=False, callback=lambda *a: True)
+    assert float(moved.locs.detach()[1:, 0].std()) < 0.05
+    told = AutoMixtureFlow(model, num_components=400, init_spread=0.0).setup()
+    fit(model, guide=told, num_steps=2, progress=False, callback=lambda *a: True)
+    assert float(told.locs.detach()[:, 0].std()) < 0.05
+
+
+def test_fit_finds_both_signs_from_a_guide_set_up_before_fit():
+    # y ~ N(|x w|, 0.3): w and -w fit equally. From one point (w = 0) the antithetic pairs of
+    # the natural steps give every component exactly zero mean gradient: without the redraw
+    # the fit ends as one wide component on the saddle.
+    pyro.set_rng_seed(0)
+    x = torch.randn(200, dtype=torch.float64)
+    y = (1.5 * x).abs() + 0.3 * torch.randn(200, dtype=torch.float64)
+
+    def sign_model():
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 2.0))
+        with pyro.plate("data", 200):
+            pyro.sample("y", dist.Normal((x * w).abs(), 0.3), obs=y)
+
+    from pyro_mogflow import fit
+
+    guide = AutoMixtureFlow(sign_model, num_components=8, flow=None).setup()
+    fit(sign_model, guide=guide, num_steps=600, progress=False)
+    draws = guide.get_posterior().sample((4000,)).squeeze(-1)
+    plus = float((draws > 0).double().mean())
+    # both modes, about equal mass (binomial SE of 4000 draws is 0.008; weights are noisy)
+    assert 0.3 < plus < 0.7, plus
+    # and each mode is narrow: posterior sd of w about 0.3 / sqrt(200) = 0.02
+    assert float(draws.abs().std()) < 0.1, float(draws.abs().std())
+
+
 def test_prior_spread_can_be_combined_with_an_init_scale():
     guide = AutoMixtureFlow(model, num_components=400, init_scale=0.3, init_spread="prior")
     guide.setup()
