@@ -237,6 +237,7 @@ def natural_gradient_stepper(
     check=None,
     component_step: str = "adam",
     go_full=None,
+    on_full=None,
 ):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
 
@@ -251,7 +252,9 @@ def natural_gradient_stepper(
     ``go_full()``, if given, says whether the guide should have full-covariance components
     from this step on: the first time it says so the guide is upgraded in place
     (:meth:`~pyro_mogflow.AutoMixtureFlow.to_full_covariance`, the density unchanged) before
-    the step, and ``optim`` forgets the state of the removed ``scales``. ``check(loss,
+    the step, ``on_full(*args, **kwargs)`` (if given) runs next (e.g.
+    :func:`~pyro_mogflow.infer.consolidation.consolidate_modes`, which may replace the mixture's
+    parameters), and ``optim`` forgets the state of the removed ones. ``check(loss,
     named)``, if given, is called after the backward pass and before anything moves, with
     ``named`` mapping param-store names to the tensors the step would update; raising there
     leaves every parameter (and the optimiser's state) as it was.
@@ -262,6 +265,8 @@ def natural_gradient_stepper(
     def step(*args, **kwargs) -> float:
         if go_full is not None and not is_full(guide) and go_full():
             guide.to_full_covariance()
+            if on_full is not None:
+                on_full(*args, **kwargs)
             _drop_stale_optimizer_state(optim, guide)
         n = elbo.num_particles
 

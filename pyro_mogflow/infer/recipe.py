@@ -121,6 +121,7 @@ from .budget import (
     ladder_beta_schedule,
 )
 from .component_steps import check_component_step, check_stratified_guide
+from .consolidation import consolidate_modes
 from .convergence import PlateauTest
 from .fit_result import FitResult
 from .memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
@@ -396,8 +397,28 @@ def fit(
                 isinstance(target, TemperedModel) and target.beta < 1
             )
 
+        def on_full(*args, **kwargs):  # one component per mode, if the ELBO holds
+            report = consolidate_modes(target, guide, args, kwargs, memory_budget=memory_budget)
+            if report["accepted"]:
+                budget.reduced.append(
+                    {
+                        "consolidated": report["before"] - report["after"],
+                        "step": target.step if isinstance(target, TemperedModel) else None,
+                        "num_components": report["after"],
+                    }
+                )
+
         step_fn = natural_gradient_stepper(
-            target, guide, optim, elbo, weight_step, freeze, _check_step, component_step, go_full
+            target,
+            guide,
+            optim,
+            elbo,
+            weight_step,
+            freeze,
+            _check_step,
+            component_step,
+            go_full,
+            on_full,
         )
     else:
         # Only a guide of one's own (or a list of guides) can hold a stratified mixture-flow
