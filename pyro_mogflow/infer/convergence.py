@@ -23,6 +23,15 @@ of losses :math:`\ell_t` (negative ELBO estimates):
    means the fit is still moving mass between modes even when the ELBO is flat. (The weights
    jitter from step to step under noisy natural-gradient steps, by about 0.02 in total
    variation per 100 steps on the benchmark's 2-D targets; the window averages do not.)
+   Where the weight steps are noisier than that (big data: each component's ELBO term is a sum
+   over many points), a mode's window-averaged mass can wander by more than
+   ``mass_tolerance`` while nothing moves on average, and the test would never pass. So a mode
+   also counts as settled when its change is within ``z`` standard errors: each window is cut
+   into :data:`MASS_BATCHES` batches, and the variance of a batch mean of mode :math:`g`'s mass
+   is estimated from successive differences of the batch means, :math:`\hat v_g =
+   \frac{1}{2(2B-1)} \sum_b (\bar\pi_{g,b+1} - \bar\pi_{g,b})^2` over both windows (a
+   drift does not inflate it), so the change between windows has standard error
+   :math:`\sqrt{2 \hat v_g / B}`.
 
 The fit has converged when both hold at ``patience`` checks in a row. Each check is one
 comparison of noisy means, so with the default ``z = 2`` a still-improving fit passes one check
@@ -43,7 +52,10 @@ import torch
 
 from .._validation import check_int, check_real
 
-__all__ = ["PlateauTest"]
+__all__ = ["MASS_BATCHES", "PlateauTest"]
+
+#: Batches per window for the standard error of the mode masses (see the module docstring).
+MASS_BATCHES = 5
 
 
 class PlateauTest:
@@ -82,6 +94,9 @@ class PlateauTest:
         self._weights: list[torch.Tensor | None] = []
         self._sum: torch.Tensor | None = None
         self._group: list | None = None
+        self._batch_sum: torch.Tensor | None = None
+        self._batch_n = 0
+        self._batches: list[torch.Tensor] = []
         self._passed = 0
         self.last: dict = {}
 
@@ -113,6 +128,16 @@ class PlateauTest:
             w = torch.as_tensor(w).detach().double()
             same = self._sum is not None and self._sum.shape == w.shape
             self._sum = self._sum + w if same else w.clone()
+            if self._batch_sum is None or self._batch_sum.shape != w.shape:
+                self._batch_sum, self._batch_n = w.clone(), 1
+                if self._batches and self._batches[-1].shape != w.shape:
+                    self._batches = []
+            else:
+                self._batch_sum, self._batch_n = self._batch_sum + w, self._batch_n + 1
+            if self._batch_n == max(1, self.window // MASS_BATCHES):
+                self._batches.append((self._batch_sum / self._batch_n).cpu())
+                self._batches = self._batches[-2 * MASS_BATCHES :]
+                self._batch_sum, self._batch_n = None, 0
         n = len(self._losses)
         if n % self.window:
             return False
@@ -143,5 +168,21 @@ class PlateauTest:
             b = torch.stack([b[g].sum() for g in self._group])
         if a is not None and b is not None:
             moved = float(0.5 * (a - b).abs().sum()) if a.shape == b.shape else math.inf
+        within_noise = self._masses_within_noise()
         self.last = {"improvement": improvement, "threshold": threshold, "mass_moved": moved}
-        return improvement <= threshold and moved <= self.mass_tolerance
+        self.last["masses_within_noise"] = within_noise
+        settled = moved <= self.mass_tolerance or within_noise
+        return improvement <= threshold and settled
+
+    def _masses_within_noise(self) -> bool:
+        """Every mode's mass changed between the windows by at most ``z`` standard errors."""
+        batches = self._batches
+        if len(batches) < 2 * MASS_BATCHES or len({b.shape for b in batches}) != 1:
+            return False
+        w = torch.stack(batches)  # (2B, K)
+        if self._group is not None:
+            w = torch.stack([w[:, g].sum(-1) for g in self._group], -1)  # (2B, G)
+        change = w[MASS_BATCHES:].mean(0) - w[:MASS_BATCHES].mean(0)
+        var = (w[1:] - w[:-1]).pow(2).mean(0) / 2
+        se = (2 * var / MASS_BATCHES).sqrt()
+        return bool((change.abs() <= self.z * se).all()) and bool((se > 0).all())
