@@ -312,12 +312,18 @@ def _logistic_rows(results: dict) -> list[str]:
 
 
 def _sign_rows(s: dict) -> list[str]:
+    # Two modes held well: the ELBO is about log 2 above a fit on one mode (AutoNormal's). Mass
+    # on both sides alone does not say so: one wide component on the saddle w = 0 has it too.
+    gain = s["fit_elbo"] - s["autonormal_elbo"]
+    both = min(s["fit_masses"]) >= 0.1 and gain > math.log(2) - 0.35
     return [
         f"Sign-symmetric regression, N = {s['n']:,}: AutoNormal {s['autonormal_seconds']:.1f} s "
-        f"(mass on +w / -w: {s['autonormal_masses'][0]:.2f} / {s['autonormal_masses'][1]:.2f}); "
+        f"(mass on +w / -w: {s['autonormal_masses'][0]:.2f} / {s['autonormal_masses'][1]:.2f}, "
+        f"ELBO {s['autonormal_elbo']:.2f}); "
         f"`fit()` {s['fit_seconds']:.1f} s in total, {s['fit_steps']} steps ({s['fit_reason']}), "
-        f"masses {s['fit_masses'][0]:.2f} / {s['fit_masses'][1]:.2f}: "
-        f"{'both modes' if min(s['fit_masses']) >= 0.1 else 'one mode'}, "
+        f"masses {s['fit_masses'][0]:.2f} / {s['fit_masses'][1]:.2f}, ELBO {s['fit_elbo']:.2f} "
+        f"({gain:+.2f} nats; log 2 = 0.69 for two modes): "
+        f"{'both modes' if both else 'NOT both modes'}, "
         f"{s['fit_seconds'] / s['autonormal_seconds']:.1f}x AutoNormal's time (goal <= 10x).",
         "",
     ]
@@ -380,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
             "fit_steps": f["steps"],
             "fit_reason": f["reason"],
             "fit_masses": _both_signs(f["guide"], (x, y), w),
+            "autonormal_elbo": a["elbo"],
+            "fit_elbo": f["elbo"],
         }
         print(f"sign: {results['sign']}", file=sys.stderr)
     if "per-step" in opts.parts:
