@@ -286,6 +286,11 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
             self.locs_unconstrained.copy_(drawn)
         return True
 
+    def _restore_start(self, locs: torch.Tensor) -> None:
+        """Put back the means :meth:`_start_at_prior` replaced (a fit that failed at once)."""
+        with torch.no_grad():
+            self.locs_unconstrained.copy_(locs)
+
     def _at_one_point(self) -> bool:
         """Every component has the same mean and scales and all weights are equal."""
         with torch.no_grad():

@@ -370,12 +370,16 @@ def fit(
     if component_step == "auto":
         component_step = "natural" if global_mixture else "adam"
     check_stratified_guide(guide, global_mixture, component_step, covariance)
+    start = None
     if isinstance(guide, AutoMixtureFlow):
         # an "auto" start means prior draws under fit (item 1 above), also for a guide the user
         # set up that is still at its one-point start
-        guide._start_at_prior(*args, **kwargs)
+        if guide.prototype_trace is not None:
+            guide.check_model(model, *args, **kwargs)  # a guide set up for another model
+            start = guide.locs.detach().clone()
+        if not guide._start_at_prior(*args, **kwargs):
+            start = None
         guide.setup(*args, **kwargs)  # before the optimiser, which needs the flow's names
-        guide.check_model(model, *args, **kwargs)  # a guide set up for another model
     if optim is None:
         optim = pyro.optim.Adam(_learning_rates(guide, lr, flow_lr))
     # Gradients left on the parameters by an interrupted step (Ctrl-C between backward and the
@@ -463,6 +467,8 @@ def fit(
             try:
                 value = float(step_fn(*args, **kwargs))
             except _NonFiniteStep as e:
+                if start is not None and step == start_step:  # undo the redrawn start too
+                    guide._restore_start(start)
                 where = e.where
                 if e.what == "loss":
                     sites = _nonfinite_sites(target, guide, args, kwargs)
