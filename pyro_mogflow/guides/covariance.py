@@ -29,10 +29,29 @@ from pyro.poutine.runtime import _PYRO_PARAM_STORE
 
 from ..distributions.density import marginal_scales
 
-__all__ = ["COVARIANCES", "component_scales", "is_full", "to_full_covariance"]
+__all__ = [
+    "COVARIANCES",
+    "FULL_COVARIANCE_MAX_DIM",
+    "component_scales",
+    "is_full",
+    "resolve_covariance",
+    "to_full_covariance",
+]
 
-#: The component covariances an :class:`~pyro_mogflow.AutoMixtureFlow` can have.
-COVARIANCES = ("diag", "full")
+#: The choices of ``fit(covariance=...)``: ``"auto"`` resolves to one of the other two.
+COVARIANCES = ("auto", "diag", "full")
+#: Largest latent dimension at which ``covariance="auto"`` gives full-covariance components
+#: (each costs :math:`O(D^3)` per step and :math:`D^2` numbers).
+FULL_COVARIANCE_MAX_DIM = 200
+
+
+def resolve_covariance(covariance: str, natural: bool, latent_dim: int) -> str:
+    """What ``covariance="auto"`` means for a stratified guide: ``"full"`` when its components
+    take natural-gradient steps and ``latent_dim <= FULL_COVARIANCE_MAX_DIM``, else ``"diag"``;
+    ``"diag"``/``"full"`` are returned as given."""
+    if covariance != "auto":
+        return covariance
+    return "full" if natural and latent_dim <= FULL_COVARIANCE_MAX_DIM else "diag"
 
 
 def check_covariance(covariance) -> str:

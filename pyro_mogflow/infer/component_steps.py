@@ -152,7 +152,7 @@ def check_stratified_guide(guide, global_mixture: bool, component_step: str, cov
         ("component_step", component_step, "adam"),
         ("covariance", covariance, "diag"),
     ):
-        if value != default and not global_mixture:
+        if value not in (default, "auto") and not global_mixture:
             estimator = getattr(guide, "estimator", None)
             raise ValueError(
                 f"{option}={value!r} needs an AutoMixtureFlow with estimator='stratified' (the "

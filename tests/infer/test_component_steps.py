@@ -49,6 +49,7 @@ def test_the_fixed_point_is_the_exact_gaussian_posterior(dtype):
         beta=None,
         balance=None,
         component_step="natural",
+        covariance="diag",  # the diagonal step (the full one: test_full_steps_...)
         progress=False,
     )
     assert guide.locs.dtype == dtype and guide.scales.dtype == dtype

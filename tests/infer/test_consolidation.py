@@ -99,3 +99,22 @@ def test_fit_with_full_covariance_consolidates_and_keeps_both_modes():
     draws = guide.get_posterior().sample((4000,))
     plus = float((draws[:, 0] > 0).double().mean())
     assert abs(plus - 0.5) < 0.1, plus
+
+
+@pytest.mark.parametrize(
+    "dim, options, expected",
+    [
+        (2, {}, True),
+        (2, {"component_step": "adam"}, False),
+        (2, {"covariance": "diag"}, False),
+        (201, {}, False),
+        (201, {"covariance": "full"}, True),
+    ],
+)
+def test_covariance_auto_is_full_for_natural_steps_up_to_200_dimensions(dim, options, expected):
+    from pyro_mogflow.guides.covariance import is_full
+
+    target = gaussian_mixture_target([[0.0] * dim], scales=1.0, dtype=torch.float64)
+    guide = AutoMixtureFlow(target.model, num_components=2, flow=None)
+    fit(target.model, *target.args, guide=guide, num_steps=1, beta=None, progress=False, **options)
+    assert is_full(guide) is expected

@@ -53,7 +53,8 @@ def test_fit_keeps_the_dtype_of_the_model(dtype):
     target = two_modes(dtype)
     guide = small_guide(target)
     fit_target(target, guide, num_steps=3)
-    assert guide.locs.dtype == guide.scales.dtype == guide.logits.dtype == dtype
+    assert {p.dtype for p in guide.parameters()} == {dtype}
+    assert guide.locs.dtype == guide.logits.dtype == dtype
 
 
 def test_fit_with_defaults_finds_both_modes_with_equal_mass():
