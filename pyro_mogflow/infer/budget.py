@@ -182,10 +182,27 @@ class StepBudget:
         its schedule is a :class:`LadderSchedule`, a rung ends as soon as a
         ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
         passes: the adaptive anneal.
+    :param bool hold_weights: hold the mixture weights (:attr:`holding`) while
+        :math:`\beta < 1` and then, at :math:`\beta = 1`, until the ELBO stops improving
+        (``PlateauTest(window, patience=1)`` on the loss alone); pruning and the stopping test
+        wait for the release. A component's ELBO term measures how far it has come, not the
+        mass of its mode, while it is still travelling: in 50-100 dimensions the weight steps
+        of the first steps gave all the weight to the one component that started nearest a
+        mode, and the others were pruned before they arrived (measured: README, "Weights
+        wait for the components").
+    :ivar bool holding: whether the weights sit out the next step.
     """
 
     def __init__(
-        self, num_steps, max_steps: int, convergence, prune: bool, guide, optim, target=None
+        self,
+        num_steps,
+        max_steps: int,
+        convergence,
+        prune: bool,
+        guide,
+        optim,
+        target=None,
+        hold_weights: bool = False,
     ):
         self.auto = num_steps == "auto"
         self.total = max_steps if self.auto else num_steps
@@ -200,6 +217,10 @@ class StepBudget:
         self.ladder = target if isinstance(ladder, LadderSchedule) else None
         self.rung_test = PlateauTest(window=RUNG_WINDOW, patience=1)
         self.rungs_cut: list[int] = []
+        self.hold = bool(hold_weights)
+        self.holding = self.hold
+        self.hold_test = PlateauTest(window=self.window, patience=1)
+        self.released_at: int | None = None
 
     def _rung_done(self, step: int, loss: float, weights, groups) -> None:
         """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
@@ -215,6 +236,20 @@ class StepBudget:
     def after_step(self, step: int, loss: float, beta: float) -> bool:
         """Record a finished step; return True when the fit should stop (see ``reason``)."""
         self.at_one = self.at_one + 1 if beta >= 1 else 0
+        if self.hold and beta < 1:
+            self.holding = True
+            self.hold_test.reset()
+        if self.holding:
+            if self.ladder is not None and beta < 1:
+                self._rung_done(step, loss, None, None)
+            if beta >= 1 and self.hold_test.update(step, loss, 1.0):
+                self.holding = False  # the components have arrived: weights and pruning go
+                self.released_at = step
+                self.at_one = 0
+                self.hold_test = PlateauTest(window=self.window, patience=1)
+                if self.test is not None:
+                    self.test.reset()
+            return False
         if self.prune and self.at_one and self.at_one % self.window == 0:
             change = reduce_components(self.guide)
             if change["pruned"] or change["merged"]:

@@ -238,8 +238,13 @@ def natural_gradient_stepper(
     component_step: str = "adam",
     go_full=None,
     on_full=None,
+    hold_weights=None,
 ):
     """One optimisation step of StratifiedELBO; the logits move by natural-gradient steps.
+
+    ``hold_weights()``, if given, says whether the weights sit out this step (they keep their
+    values; :class:`~pyro_mogflow.infer.budget.StepBudget` holds them while the components
+    travel).
 
     With ``component_step="natural"`` (``elbo`` drawing antithetic pairs) the means and scales
     take the iBLR step of :mod:`pyro_mogflow.infer.component_steps` instead of ``optim``'s;
@@ -325,7 +330,8 @@ def natural_gradient_stepper(
             logits = _logits_param(guide)
             params.discard(logits)
             logits.grad = None
-            _natural_weight_step(logits, terms, weight_step)
+            if hold_weights is None or not hold_weights():
+                _natural_weight_step(logits, terms, weight_step)
         if guide.flow is not None and freeze_flow():
             frozen = {id(p) for p in guide.flow.parameters()}
             zero_grads({p for p in params if id(p) in frozen})

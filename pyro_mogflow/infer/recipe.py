@@ -434,6 +434,7 @@ def fit(
             component_step,
             go_full,
             on_full,
+            lambda: budget.holding,
         )
     else:
         # Only a guide of one's own (or a list of guides) can hold a stratified mixture-flow
@@ -457,7 +458,14 @@ def fit(
             return value
 
     budget = StepBudget(
-        num_steps, max_steps, convergence, prune and global_mixture, guide, optim, target
+        num_steps,
+        max_steps,
+        convergence,
+        prune and global_mixture,
+        guide,
+        optim,
+        target,
+        hold_weights=global_mixture and isinstance(target, TemperedModel),
     )
     losses = []
     from tqdm.auto import tqdm
