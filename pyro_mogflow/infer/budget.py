@@ -190,6 +190,8 @@ class StepBudget:
         of the first steps gave all the weight to the one component that started nearest a
         mode, and the others were pruned before they arrived (measured: README, "Weights
         wait for the components").
+    :param on_release: called with no arguments when the weights are released (``fit`` sets
+        them to their optimum for the components there and consolidates the modes).
     :ivar bool holding: whether the weights sit out the next step.
     """
 
@@ -203,6 +205,7 @@ class StepBudget:
         optim,
         target=None,
         hold_weights: bool = False,
+        on_release=None,
     ):
         self.auto = num_steps == "auto"
         self.total = max_steps if self.auto else num_steps
@@ -221,6 +224,7 @@ class StepBudget:
         self.holding = self.hold
         self.hold_test = PlateauTest(window=self.window, patience=1)
         self.released_at: int | None = None
+        self.on_release = on_release
 
     def _rung_done(self, step: int, loss: float, weights, groups) -> None:
         """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
@@ -245,6 +249,8 @@ class StepBudget:
             if beta >= 1 and self.hold_test.update(step, loss, 1.0):
                 self.holding = False  # the components have arrived: weights and pruning go
                 self.released_at = step
+                if self.on_release is not None:
+                    self.on_release()
                 self.at_one = 0
                 self.hold_test = PlateauTest(window=self.window, patience=1)
                 if self.test is not None:

@@ -116,6 +116,7 @@ from ..guides.covariance import check_covariance, resolve_covariance
 from .budget import (
     StepBudget,
     _check_unit,
+    _drop_stale_optimizer_state,
     auto_beta_schedule,
     default_beta_schedule,
     ladder_beta_schedule,
@@ -137,10 +138,13 @@ from .recipe_checks import (
     _pathwise_hint,
 )
 from .stratified import StratifiedELBO
-from .subsampling import unless_subsampled
+from .subsampling import subsampled_plates, unless_subsampled
 from .tempering import TemperedModel
 
-__all__ = ["FitResult", "balance_weights", "default_beta_schedule", "fit"]
+__all__ = ["FitResult", "RELEASE_PARTICLES", "balance_weights", "default_beta_schedule", "fit"]
+
+#: Draws per component for the weights and the consolidation when fit releases the weights.
+RELEASE_PARTICLES = 32
 
 
 def fit(
@@ -410,10 +414,22 @@ def fit(
                 isinstance(target, TemperedModel) and target.beta < 1
             )
 
-        def on_full(*args, **kwargs):  # one component per mode, if the ELBO holds
-            if not prune:
+        def on_release():  # the components have arrived: best weights, then one per mode
+            if not subsampled_plates(target, guide, args, kwargs):
+                balance_weights(
+                    target,
+                    guide,
+                    *args,
+                    num_particles=RELEASE_PARTICLES,
+                    objective="elbo",
+                    memory_budget=memory_budget,
+                    **kwargs,
+                )
+            if not (prune and covariance == "full"):
                 return
-            report = consolidate_modes(target, guide, args, kwargs, memory_budget=memory_budget)
+            report = consolidate_modes(
+                target, guide, args, kwargs, RELEASE_PARTICLES, memory_budget=memory_budget
+            )
             if report["accepted"]:
                 budget.reduced.append(
                     {
@@ -422,6 +438,7 @@ def fit(
                         "num_components": report["after"],
                     }
                 )
+                _drop_stale_optimizer_state(optim, guide)
 
         step_fn = natural_gradient_stepper(
             target,
@@ -433,7 +450,7 @@ def fit(
             _check_step,
             component_step,
             go_full,
-            on_full,
+            None,
             lambda: budget.holding,
         )
     else:
@@ -466,6 +483,7 @@ def fit(
         optim,
         target,
         hold_weights=global_mixture and isinstance(target, TemperedModel),
+        on_release=on_release if global_mixture else None,
     )
     losses = []
     from tqdm.auto import tqdm

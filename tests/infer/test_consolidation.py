@@ -55,26 +55,48 @@ def test_estimate_elbo_standard_error_matches_the_spread_of_repeated_estimates()
 def test_tiles_of_one_correlated_mode_become_one_component():
     # a target with one Gaussian mode; four components tile it along its long axis
     target = gaussian_mixture_target([[0.0, 0.0]], scales=[[2.0, 0.3]], dtype=torch.float64)
-    locs = [[-2.4, 0.0], [-0.8, 0.0], [0.8, 0.0], [2.4, 0.0]]
+    locs = [[-1.8, 0.0], [-0.6, 0.0], [0.6, 0.0], [1.8, 0.0]]
     guide = _guide(target, locs, [[0.9, 0.3]])
     pyro.set_rng_seed(0)
     report = consolidate_modes(target.model, guide, target.args, num_particles=64)
     assert report["accepted"] and guide.num_components == 1
+    assert report["groups"] == [[0, 1, 2, 3]]
     assert report["elbo_after"].value > report["elbo_before"].value
     cov = guide.scale_tril.detach()[0] @ guide.scale_tril.detach()[0].T
-    # moment matching: var = 0.81 + mean of squared offsets (3.2) along the first axis
-    torch.testing.assert_close(cov.diagonal(), torch.tensor([0.81 + 3.2, 0.09]).double())
+    # moment matching: var = 0.81 + mean of squared offsets (1.8) along the first axis
+    torch.testing.assert_close(cov.diagonal(), torch.tensor([0.81 + 1.8, 0.09]).double())
 
 
-def test_a_merge_that_bridges_two_modes_is_refused_and_leaves_the_guide_as_it_was():
-    # two narrow modes at +-1; wide components there are linked as one group
-    target = gaussian_mixture_target([[-1.0], [1.0]], scales=0.05, dtype=torch.float64)
-    guide = _guide(target, [[-1.0], [1.0]], 0.5)
+def test_mode_groups_follow_the_modes_of_the_mixture_not_a_distance_chain():
+    from pyro_mogflow.infer.consolidation import mode_groups
+
+    target = gaussian_mixture_target([[0.0]], scales=1.0, dtype=torch.float64)
+    # two clusters of narrow components at -4 and 4, and one wide light component between
+    # them that a distance threshold would link to both
+    locs = [[-4.2], [-3.8], [-4.0], [3.9], [4.1], [0.3]]
+    scales = torch.tensor([[0.5]] * 5 + [[3.0]], dtype=torch.float64)
+    logits = torch.tensor([0.0] * 5 + [-2.0], dtype=torch.float64)
+    guide = _guide(target, locs, scales, logits, full=False)
+    groups = [sorted(g) for g in mode_groups(guide)]
+    # each cluster is one group, and no group holds both (the wide one may keep its own
+    # local maximum of the mixture density, or join one cluster)
+    assert any({0, 1, 2} <= set(g) for g in groups), groups
+    assert any({3, 4} <= set(g) for g in groups), groups
+    assert not any({0, 3} <= set(g) for g in groups), groups
+
+
+def test_a_merge_that_loses_elbo_is_refused_and_leaves_the_guide_as_it_was():
+    # the target is a mixture of N(-0.9, 1) and N(0.9, 1) (one flat-topped mode) and the
+    # guide is that mixture exactly: its log ratios are all 0 (SE 0), so the moment-matched
+    # single Gaussian, a little worse, must be refused
+    target = gaussian_mixture_target([[-0.9], [0.9]], scales=1.0, dtype=torch.float64)
+    guide = _guide(target, [[-0.9], [0.9]], 1.0)
     before = {n: p.detach().clone() for n, p in guide.named_parameters()}
     pyro.set_rng_seed(0)
     report = consolidate_modes(target.model, guide, target.args, num_particles=64)
     assert not report["accepted"] and guide.num_components == 2
-    assert report["elbo_after"].value < report["elbo_before"].value
+    assert report["refused"] == [[0, 1]]
+    assert report["elbo_before"].se < 1e-9
     for name, p in guide.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
 
