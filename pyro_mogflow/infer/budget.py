@@ -182,7 +182,7 @@ class StepBudget:
         its schedule is a :class:`LadderSchedule`, a rung ends as soon as a
         ``PlateauTest(window=RUNG_WINDOW, patience=1)`` on its losses (and mode masses)
         passes: the adaptive anneal.
-    :param bool hold_weights: hold the mixture weights (:attr:`holding`) while
+    :param bool hold_weights: hold the mixture weights (``holding``) while
         :math:`\beta < 1` and then, at :math:`\beta = 1`, until the ELBO stops improving
         (``PlateauTest(window, patience=1)`` on the loss alone); pruning and the stopping test
         wait for the release. A component's ELBO term measures how far it has come, not the
