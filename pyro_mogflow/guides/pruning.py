@@ -57,6 +57,7 @@ from .covariance import is_full, replace_mixture_params, set_full_params
 __all__ = [
     "MERGE_LOC_TOLERANCE",
     "MERGE_SCALE_TOLERANCE",
+    "connected_groups",
     "mergeable_groups",
     "prune_and_merge",
 ]
@@ -101,6 +102,17 @@ def mergeable_groups(
         close = (locs - locs[i]).abs() <= loc_tolerance * (scales**2 + scales[i] ** 2).sqrt()
         similar = (scales.log() - scales[i].log()).abs() <= log_tol + 1e-12
         linked[i] = (close & similar).all(-1)
+    return connected_groups(linked)
+
+
+def connected_groups(linked: torch.Tensor) -> list[list[int]]:
+    """The connected components of a symmetric link matrix (single linkage, union-find).
+
+    :param torch.Tensor linked: boolean, shape ``(K, K)``; only the upper triangle is read.
+    :return: every index in exactly one group; groups (ascending indices) in order of their
+        first member.
+    """
+    k = linked.shape[0]
     parent = list(range(k))
 
     def root(i: int) -> int:

@@ -31,7 +31,7 @@ import torch
 from .._validation import check_int, check_real
 from ..distributions.density import full_component_log_prob
 from ..guides.covariance import is_full, replace_mixture_params
-from ..guides.pruning import prune_and_merge
+from ..guides.pruning import connected_groups, prune_and_merge
 from .memory import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
 from .stratified_chunks import run_shares
@@ -148,20 +148,7 @@ def mode_groups(guide, iters: int = MODE_ITERS, tolerance: float = 0.5) -> list[
     metric = torch.einsum("ij,jab->iab", r, prec)
     diff = x.unsqueeze(1) - x.unsqueeze(0)  # (K, K, D)
     dist = torch.einsum("ija,iab,ijb->ij", diff, metric, diff).clamp(min=0).sqrt()
-    parent = list(range(k))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in torch.nonzero(torch.triu(dist <= tolerance, 1)).tolist():
-        parent[root(j)] = root(i)
-    members: dict[int, list[int]] = {}
-    for i in range(k):
-        members.setdefault(root(i), []).append(i)
-    return list(members.values())
+    return connected_groups(dist <= tolerance)
 
 
 def _snapshot(guide) -> dict:
