@@ -45,6 +45,14 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    default for an ``AutoMixtureFlow``): each component's iBLR (variational online Newton) step
    from one antithetic pair of draws, :mod:`~pyro_mogflow.infer.component_steps`, so its moves
    follow its own scale and it reaches a mode from a prior draw far away in high dimension.
+   The weights wait for the components: they are held while :math:`\beta < 1` and, at
+   :math:`\beta = 1`, until the ELBO stops improving (a travelling component's :math:`L_k`
+   measures how far it has come, not how heavy its mode is); then they are set to their
+   optimum for the components (:func:`balance_weights`) and move by the step above.
+   With ``covariance="auto"`` (the default, up to 200 latent dimensions) the components get
+   full covariances once :math:`\beta = 1`, and at the release the components on each mode
+   become one where a measured ELBO allows it
+   (:func:`~pyro_mogflow.infer.consolidation.consolidate_modes`).
 5. **Balanced weights.** After the last step, :func:`balance_weights` sets the weights once
    more from ``balance_particles`` draws per component.
 6. **A budget that follows the problem** (``num_steps="auto"``): at :math:`\beta = 1` the
