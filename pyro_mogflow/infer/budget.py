@@ -188,8 +188,8 @@ class StepBudget:
         wait for the release. A component's ELBO term measures how far it has come, not the
         mass of its mode, while it is still travelling: in 50-100 dimensions the weight steps
         of the first steps gave all the weight to the one component that started nearest a
-        mode, and the others were pruned before they arrived (measured: README, "Weights
-        wait for the components").
+        mode, and the others were pruned before they arrived (measured: README, "Third
+        session: full covariance by default, weights that wait, one component per mode").
     :param on_release: called with no arguments when the weights are released (``fit`` sets
         them to their optimum for the components there and consolidates the modes).
     :ivar bool holding: whether the weights sit out the next step.
@@ -242,11 +242,10 @@ class StepBudget:
         self.at_one = self.at_one + 1 if beta >= 1 else 0
         if self.hold and beta < 1:
             self.holding = True
-            self.hold_test.reset()
         if self.holding:
             if self.ladder is not None and beta < 1:
                 self._rung_done(step, loss, None, None)
-            if beta >= 1 and self.hold_test.update(step, loss, 1.0):
+            if self.hold_test.update(step, loss, beta):  # a step at beta < 1 restarts it
                 self.holding = False  # the components have arrived: weights and pruning go
                 self.released_at = step
                 if self.on_release is not None:

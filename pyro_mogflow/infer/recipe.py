@@ -270,8 +270,8 @@ def fit(
         the shape of a correlated mode. ``"auto"`` is ``"full"`` for a stratified
         ``AutoMixtureFlow`` with natural component steps and at most
         ``FULL_COVARIANCE_MAX_DIM = 200`` latent dimensions,
-        else ``"diag"``. Measured (README, "Full covariance by default"): on every target of
-        the real-models benchmark as good or better than diagonal components.
+        else ``"diag"``. Measured (README, "Third session: full covariance by default, weights
+        that wait, one component per mode").
     :param balance: after the last step, :func:`balance_weights` with this objective
         (``"forward"``, default: the posterior mass each component accounts for, which kept
         the mode masses right where the components' shapes do not match the modes';
