@@ -30,6 +30,7 @@ import torch
 
 from .._validation import check_int, check_real
 from ..distributions.density import full_component_log_prob
+from ..guides import AutoMixtureFlow
 from ..guides.covariance import is_full, replace_mixture_params
 from ..guides.pruning import connected_groups, prune_and_merge
 from .memory import DEFAULT_MEMORY_BUDGET
@@ -40,6 +41,20 @@ __all__ = ["ElboEstimate", "consolidate_modes", "estimate_elbo", "mode_groups"]
 
 #: Fixed-point iterations of :func:`mode_groups`.
 MODE_ITERS = 100
+
+
+def _check_stratified(guide) -> None:
+    """TypeError/RuntimeError/ValueError before any work unless ``guide`` is a set-up
+    ``AutoMixtureFlow`` with ``estimator="stratified"``."""
+    if not isinstance(guide, AutoMixtureFlow):
+        raise TypeError(f"guide must be an AutoMixtureFlow, got {type(guide).__name__}")
+    if guide.prototype_trace is None:
+        raise RuntimeError("the guide is not set up yet; call guide.setup(*model_args) first")
+    if guide.estimator != "stratified":
+        raise ValueError(
+            f"guide must have estimator='stratified' (its ELBO is scored by stratified draws), "
+            f"got {guide.estimator!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ def estimate_elbo(
     :param memory_budget: bytes per evaluated chunk (default 1 GiB).
     :return: an :class:`ElboEstimate`.
     """
+    _check_stratified(guide)
     num_particles = check_int("num_particles", num_particles, 2)
     kwargs = dict(kwargs or {})
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
@@ -123,6 +139,10 @@ def mode_groups(guide, iters: int = MODE_ITERS, tolerance: float = 0.5) -> list[
     References: M. Á. Carreira-Perpiñán, *Mode-finding for mixtures of Gaussian
     distributions*, IEEE TPAMI 22(11), 2000.
     """
+    if not isinstance(guide, AutoMixtureFlow) or guide.prototype_trace is None:
+        raise TypeError(f"guide must be a set-up AutoMixtureFlow, got {type(guide).__name__}")
+    iters = check_int("iters", iters, 1)
+    tolerance = check_real("tolerance", tolerance, minimum=0.0)
     f64 = torch.float64
     locs = guide.locs.detach().to(f64)
     k, d = locs.shape
@@ -195,6 +215,7 @@ def consolidate_modes(
         "refused": refused groups, "elbo_before": ElboEstimate, "elbo_after": ElboEstimate
         or None}``; ``after == before`` when nothing was merged.
     """
+    _check_stratified(guide)
     num_particles = check_int("num_particles", num_particles, 2)
     z = check_real("z", z, minimum=0.0)
     k = guide.num_components

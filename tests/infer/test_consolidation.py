@@ -140,3 +140,50 @@ def test_covariance_auto_is_full_for_natural_steps_up_to_200_dimensions(dim, opt
     guide = AutoMixtureFlow(target.model, num_components=2, flow=None)
     fit(target.model, *target.args, guide=guide, num_steps=1, beta=None, progress=False, **options)
     assert is_full(guide) is expected
+
+
+def test_bad_arguments_are_refused_before_any_work():
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_mogflow.infer.consolidation import mode_groups
+
+    target = gaussian_mixture_target([[0.0]], scales=1.0, dtype=torch.float64)
+    with pytest.raises(TypeError, match="guide must be an AutoMixtureFlow"):
+        consolidate_modes(target.model, AutoNormal(target.model), target.args)
+    with pytest.raises(RuntimeError, match="not set up"):
+        estimate_elbo(target.model, AutoMixtureFlow(target.model), target.args)
+    implicit = AutoMixtureFlow(target.model, estimator="implicit").setup(*target.args)
+    with pytest.raises(ValueError, match="estimator='stratified'"):
+        consolidate_modes(target.model, implicit, target.args)
+    guide = _guide(target, [[0.0], [1.0]], 1.0)
+    with pytest.raises(ValueError, match="num_particles"):
+        estimate_elbo(target.model, guide, target.args, num_particles=1)
+    with pytest.raises(ValueError, match="z"):
+        consolidate_modes(target.model, guide, target.args, z=-1.0)
+    with pytest.raises(TypeError, match="set-up AutoMixtureFlow"):
+        mode_groups(AutoMixtureFlow(target.model))
+
+
+def test_fit_holds_the_weights_until_the_components_settle_at_beta_one():
+    target = gaussian_mixture_target([[-3.0], [3.0]], scales=0.5, dtype=torch.float64)
+    pyro.set_rng_seed(0)
+    guide = AutoMixtureFlow(target.model, num_components=8, flow=None)
+    seen = []
+
+    def record(step, loss, beta):
+        seen.append((beta, guide.logits.detach().clone()))
+
+    fit(
+        target.model,
+        *target.args,
+        guide=guide,
+        anneal_steps=200,
+        max_steps=800,
+        progress=False,
+        callback=record,
+    )
+    tempered = [logits for beta, logits in seen if beta < 1]
+    assert tempered and all(torch.equal(logits, tempered[0]) for logits in tempered)
+    # released at beta 1 once the ELBO is flat: then (balanced and stepped) weights differ
+    final = seen[-1][1]
+    assert final.shape != tempered[0].shape or not torch.equal(final, tempered[0])
