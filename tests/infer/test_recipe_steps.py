@@ -363,3 +363,45 @@ def test_weight_balancing_shows_in_the_progress_bar(capsys):
         **target.kwargs,
     )
     assert "myfit (balancing weights)" in capsys.readouterr().err
+
+
+def test_a_parameter_of_the_model_is_still_trained_when_the_steps_are_natural():
+    # the natural steps need no backward pass for the mixture itself; a model parameter does
+    def model(x, y=None):
+        noise = pyro.param("noise", torch.tensor(2.0), constraint=dist.constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", x.shape[-1]):
+            return pyro.sample("y", dist.Normal(w * x, noise), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x, y = _data()
+    guide = AutoMixtureFlow(model, num_components=4, flow=None)
+    fit(model, x, y, guide=guide, num_steps=300, beta=None, progress=False)
+    # the data's noise is 0.5: the learned scale falls from 2 toward it
+    assert float(pyro.param("noise").detach()) < 1.0
+
+
+def test_the_backward_pass_is_skipped_only_when_it_feeds_no_parameter():
+    from pyro import poutine
+
+    from pyro_mogflow.infer.mixture_weights import _backward_needed
+
+    x, y = _data()
+    guide = AutoMixtureFlow(regression, num_components=2, flow="affine_autoregressive")
+    guide.setup(x, y)
+    with poutine.trace(param_only=True) as capture:
+        guide(x, y)
+    trace = capture.trace
+
+    def frozen():
+        return True
+
+    def trained():
+        return False
+
+    assert guide.flow is not None
+    assert not _backward_needed(trace, guide, True, 0.05, frozen)
+    assert _backward_needed(trace, guide, True, 0.05, trained)  # the flow learns
+    assert _backward_needed(trace, guide, False, 0.05, frozen)  # Adam moves the means
+    assert _backward_needed(trace, guide, True, None, frozen)  # Adam moves the logits
