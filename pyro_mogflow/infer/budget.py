@@ -17,7 +17,8 @@ With ``num_steps="auto"`` (the default) a fit
    (:func:`reduce_components`, with ``prune=True``), so later steps evaluate only the
    components that matter;
 3. stops when :class:`~pyro_mogflow.infer.convergence.PlateauTest` says the ELBO and the
-   component masses have stopped moving, or at ``max_steps``.
+   component masses have stopped moving, or at ``max_steps``; with held weights
+   (``hold_weights``) also at the release when one component is left.
 
 :class:`StepBudget` holds that state for the loop of :func:`~pyro_mogflow.fit`.
 """

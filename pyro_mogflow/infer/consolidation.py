@@ -213,7 +213,8 @@ def consolidate_modes(
     :param float z: standard errors of the difference a share (and the ELBO) may drop by.
     :return: ``{"accepted": bool, "before": K, "after": K', "groups": merged groups,
         "refused": refused groups, "elbo_before": ElboEstimate, "elbo_after": ElboEstimate
-        or None}``; ``after == before`` when nothing was merged.
+        or None}``; ``after == before`` when nothing was merged. An accepted merge also has
+        ``"components"``: for each new component, in order, the old ones it was made of.
     """
     _check_stratified(guide)
     num_particles = check_int("num_particles", num_particles, 2)
@@ -252,7 +253,7 @@ def consolidate_modes(
     if final is None or not _holds(before, final, z):
         _restore(guide, saved)
         return report
-    report.update(accepted=True, after=guide.num_components)
+    report.update(accepted=True, after=guide.num_components, components=keep)
     return report
 
 

@@ -23,6 +23,9 @@ class FitResult(tuple):
         out) or ``"stopped by callback at step N"``.
     :ivar list reductions: the component prunings and merges, each a dict with ``step``,
         ``pruned``, ``merged``, ``pruned_mass`` and ``num_components`` (after it).
+    :ivar list rounds: the rounds of fresh starts after the first
+        (:mod:`~pyro_mogflow.infer.rounds`), each a dict with ``round``, ``steps``,
+        ``modes_before`` and ``modes_after``; empty when there was one round.
     """
 
     def __new__(
@@ -35,6 +38,7 @@ class FitResult(tuple):
         stopped=False,
         reason: str = "num_steps",
         reductions: list | None = None,
+        rounds: list | None = None,
     ):
         self = super().__new__(cls, (guide, losses))
         self.optim = optim
@@ -42,6 +46,7 @@ class FitResult(tuple):
         self.stopped = stopped
         self.reason = reason
         self.reductions = [] if reductions is None else reductions
+        self.rounds = [] if rounds is None else rounds
         return self
 
     @property

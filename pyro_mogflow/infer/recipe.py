@@ -50,14 +50,17 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    measures how far it has come, not how heavy its mode is); then they are set to their
    optimum for the components (:func:`balance_weights`) and move by the step above.
    With ``covariance="auto"`` (the default, up to 200 latent dimensions) the components get
-   full covariances once :math:`\beta = 1`, and at the release the components on each mode
-   become one where a measured ELBO allows it
-   (:func:`~pyro_mogflow.infer.consolidation.consolidate_modes`).
+   full covariances once :math:`\beta = 1`, and the components on each mode become one where
+   a measured ELBO allows it (:func:`~pyro_mogflow.infer.consolidation.consolidate_modes`):
+   once after the first ``window`` steps at :math:`\beta = 1`, so that the rest of the hold
+   pays only for the modes and the components still travelling, and again at the release.
 5. **Balanced weights.** After the last step, :func:`balance_weights` sets the weights once
    more from ``balance_particles`` draws per component.
 6. **A budget that follows the problem** (``num_steps="auto"``): at :math:`\beta = 1` the
    components of negligible weight are pruned and those on one mode merged, and the fit stops
-   when the ELBO and the masses reach a plateau (:mod:`~pyro_mogflow.infer.budget`).
+   when the ELBO and the masses reach a plateau (:mod:`~pyro_mogflow.infer.budget`; an
+   improvement below 0.01 nats per window counts as none), or at the release when a single
+   component is left (its ELBO has just passed the plateau test and it has no mass to move).
 
 A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
 then trained at ``flow_lr`` (``lr / 10``): in the benchmark a flow trained from the start, or at
@@ -108,11 +111,14 @@ References:
 
 from __future__ import annotations
 
+import copy
+import re
 import sys
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import pyro
+import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
@@ -145,6 +151,7 @@ from .recipe_checks import (
     _NonFiniteStep,
     _pathwise_hint,
 )
+from .rounds import MAX_ROUNDS, mode_counts, more_rounds
 from .stratified import StratifiedELBO
 from .subsampling import subsampled_plates, unless_subsampled
 from .tempering import TemperedModel
@@ -164,6 +171,7 @@ def fit(
     anneal_steps: int = 1000,
     anneal: str = "adaptive",
     prune: bool | None = None,
+    rounds: int | str = "auto",
     convergence: PlateauTest | None = None,
     lr: float = 0.02,
     flow_lr: float | None = None,
@@ -198,8 +206,10 @@ def fit(
         # StratifiedELBO steps on the tempered model (antithetic pairs; a rung of beta ends
         # early when PlateauTest(window=25, patience=1) passes on it): the means and scales
         # moved by iBLR natural-gradient steps, the logits by natural-gradient steps (eta
-        # 0.05), a flow by Adam (lr 0.02 / 10); components pruned and merged every 100 steps at
-        # beta = 1, until PlateauTest() passes (at most 10000 steps), then
+        # 0.05) once released (held while beta < 1 and at beta = 1 until the ELBO is flat),
+        # a flow by Adam (lr 0.02 / 10); at beta = 1 full covariances, the components on one
+        # mode consolidated after 100 steps and at the release, then pruned and merged every
+        # 100 steps, until PlateauTest() passes (at most 10000 steps), then
         # balance_weights(..., objective="forward").
 
     :param callable model: the Pyro model.
@@ -230,9 +240,16 @@ def fit(
         ``convergence.window`` steps at :math:`\beta = 1`
         (:func:`~pyro_mogflow.infer.budget.reduce_components`), so later steps cost less.
         Default ``None``: on with ``num_steps="auto"``, off with an int.
+    :param rounds: ``"auto"`` (default): up to
+        :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds of fresh starts, a round more
+        only while the last one gives evidence of missed modes (a mode reached by a single
+        start after the first round; a new mode after a later one), for a default
+        ``AutoMixtureFlow`` (no flow, more than one component) with ``num_steps="auto"``
+        and tempering, not resumed (:mod:`~pyro_mogflow.infer.rounds`); an int ``r``: at most
+        ``r`` rounds by the same rule (1: one round, as before). ``max_steps`` caps each round.
     :param convergence: the :class:`~pyro_mogflow.infer.convergence.PlateauTest` of
         ``num_steps="auto"`` (default ``PlateauTest()``: windows of 100 steps, 2 standard
-        errors, masses within 0.01, 2 checks in a row).
+        errors or at most 0.01 nats, masses within 0.01, 2 checks in a row).
     :param float lr: Adam's learning rate when ``optim`` is not given (default 0.02).
     :param flow_lr: Adam's learning rate for the flow of an
         :class:`~pyro_mogflow.AutoMixtureFlow` when ``optim`` is not given (default ``lr / 10``:
@@ -319,6 +336,12 @@ def fit(
         prune = num_steps == "auto"
     elif not isinstance(prune, bool):
         raise TypeError(f"prune must be None or a bool, got {type(prune).__name__}")
+    if rounds == "auto":
+        rounds = MAX_ROUNDS
+    elif isinstance(rounds, str):
+        raise ValueError(f"rounds must be 'auto' or an int >= 1, got {rounds!r}")
+    else:
+        rounds = check_int("rounds", rounds, 1)
     if convergence is None:
         convergence = PlateauTest()
     elif not isinstance(convergence, PlateauTest):
@@ -416,13 +439,30 @@ def fit(
             return freeze_flow and isinstance(target, TemperedModel) and target.beta < 1
 
         covariance = resolve_covariance(covariance, natural, guide.latent_dim)
+        num_starts = guide.num_components
+        more = (
+            rounds > 1
+            and num_steps == "auto"
+            and guide.flow is None
+            and num_starts > 1
+            and isinstance(target, TemperedModel)
+            and start_step == 0
+        )
 
         def go_full():
             return covariance == "full" and not (
                 isinstance(target, TemperedModel) and target.beta < 1
             )
 
+        starts = [torch.ones(guide.num_components, dtype=torch.float64)]  # per component
+        release_counts: list[float] = []  # the starts that reached each mode, at the release
+
         def on_release():  # the components have arrived: best weights, then one per mode
+            settle()
+            if more:
+                release_counts[:] = mode_counts(guide, starts[0])
+
+        def settle():
             if not subsampled_plates(target, guide, args, kwargs):
                 balance_weights(
                     target,
@@ -435,6 +475,10 @@ def fit(
                 )
             consolidate()
 
+        def settle_joined():  # after a round: the joined mixture's components, anew
+            starts[0] = torch.ones(guide.num_components, dtype=torch.float64)
+            settle()
+
         def consolidate():  # one component per mode where a measured ELBO allows it
             if not (prune and covariance == "full"):
                 return
@@ -442,6 +486,7 @@ def fit(
                 target, guide, args, kwargs, RELEASE_PARTICLES, memory_budget=memory_budget
             )
             if report["accepted"]:
+                starts[0] = torch.stack([starts[0][g].sum() for g in report["components"]])
                 budget.reduced.append(
                     {
                         "consolidated": report["before"] - report["after"],
@@ -542,6 +587,58 @@ def fit(
                 break
         next_step = step + 1
         reason = budget.finish(next_step, stopped)
+        extra: list[dict] = []
+        if global_mixture and more and release_counts and not stopped:
+            done = [next_step]  # steps run so far, over all rounds
+
+            def fit_round(beta=beta):  # one more annealed fit (beta=None: at beta = 1 only)
+                label = "final" if beta is None else f"round {len(extra) + 2}"
+
+                def shifted(step, loss, beta):
+                    return callback(done[0] + step, loss, beta)
+
+                sub = fit(
+                    model,
+                    *args,
+                    guide=guide,
+                    max_steps=max_steps,
+                    anneal_steps=anneal_steps,
+                    anneal=anneal,
+                    prune=prune,
+                    rounds=1,
+                    convergence=_restarted(convergence),
+                    lr=lr,
+                    num_particles=num_particles,
+                    beta=beta,
+                    beta_start=beta_start,
+                    observed_only=observed_only,
+                    weight_step=weight_step,
+                    component_step=component_step,
+                    covariance=covariance,
+                    balance=None,
+                    freeze_flow=freeze_flow,
+                    progress=progress,
+                    desc=f"{desc} ({label})",
+                    callback=None if callback is None else shifted,
+                    memory_budget=memory_budget,
+                    model_kwargs=kwargs,
+                )
+                done[0] += sub.next_step
+                losses.extend(sub.losses.tolist())
+                return sub
+
+            extra = more_rounds(
+                guide, args, kwargs, release_counts, num_starts, rounds, fit_round, settle_joined
+            )
+            last = extra[-1]["result"] if extra else None
+            if last is not None and not last.stopped:
+                last = fit_round(beta=None)  # the joined mixture at beta = 1, to convergence
+            if last is not None:
+                offset = done[0] - last.next_step  # the reason counts the steps of all rounds
+                reason = re.sub(r"step (\d+)", lambda m: f"step {int(m[1]) + offset}", last.reason)
+                next_step, stopped = done[0], last.stopped
+                budget.reduced.extend(last.reductions)
+                optim = last.optim
         if num_steps == "auto":
             k = f", K={guide.num_components}" if global_mixture else ""
             bar.set_description(f"{desc} ({reason}{k})")
@@ -570,4 +667,13 @@ def fit(
         stopped=stopped,
         reason=reason,
         reductions=budget.reduced,
+        rounds=[{k: v for k, v in r.items() if k != "result"} for r in extra] if extra else [],
     )
+
+
+def _restarted(test: PlateauTest) -> PlateauTest:
+    """A copy of ``test`` with the same options and nothing seen."""
+    new = copy.copy(test)
+    new.converged_at = None
+    new.reset()
+    return new

@@ -214,5 +214,6 @@ def test_fit_consolidates_on_arrival_and_stops_at_the_release_with_one_component
     assert merged and merged[0]["consolidated"] == 7
     assert merged[0]["step"] == first + window  # target.step after the first window
     assert result.reason.startswith("converged")
+    assert result.rounds == []  # every start reached the one mode: no evidence of a missed one
     # the hold needs two windows at beta 1; the stop test after it would need three more
     assert len(betas) - first < 5 * window

@@ -1,0 +1,106 @@
+"""Rounds of fresh starts: fit(rounds=...) adds starts where the first ones missed modes."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+from pyro_mogflow import AutoMixtureFlow, fit
+from pyro_mogflow.examples import gaussian_mixture_target
+from pyro_mogflow.infer.rounds import fresh_start, join, mode_counts, singletons
+
+SIX = [[-8.0, -8.0], [-8.0, 8.0], [8.0, -8.0], [8.0, 8.0], [0.0, 12.0], [0.0, -12.0]]
+
+
+def _covered(target, guide) -> int:
+    with torch.no_grad():
+        z = guide.get_posterior().sample((4000,))
+    masses = target.mode_masses(z)
+    return int((masses > 0.2 * masses.sum() / len(masses)).sum())
+
+
+def test_good_turing_counts():
+    assert singletons([1.0, 2.0, 1.0, 5.0]) == 2
+    assert singletons([64.0]) == 0
+    target = gaussian_mixture_target([[-5.0], [5.0]], scales=0.5)
+    guide = AutoMixtureFlow(target.model, num_components=3, init_scale=0.5).setup(*target.args)
+    with torch.no_grad():
+        guide.locs_unconstrained.copy_(torch.tensor([[-5.0], [-5.1], [5.0]]))
+    # two components on one mode, one on the other; the first stands for 3 starts
+    assert sorted(mode_counts(guide, torch.tensor([3.0, 1.0, 1.0]))) == [1.0, 4.0]
+
+
+def test_a_fresh_start_and_the_join_keep_both_mixtures():
+    target = gaussian_mixture_target(SIX, scales=0.5)
+    pyro.set_rng_seed(0)
+    guide = AutoMixtureFlow(target.model, num_components=3).setup(*target.args)
+    guide.to_full_covariance()
+    before = guide.locs.detach().clone()
+    saved = fresh_start(guide, 4, *target.args)
+    assert guide.num_components == 4 and not torch.equal(guide.locs[:3].detach(), before)
+    fresh = guide.locs.detach().clone()
+    join(guide, saved)
+    assert guide.num_components == 7
+    assert torch.equal(guide.locs.detach(), torch.cat([before, fresh]))
+    weights = torch.softmax(guide.logits.detach(), -1)
+    assert float(weights[:3].sum()) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_rounds_find_the_modes_one_round_of_few_starts_misses():
+    # 6 separated modes, 4 starts a round: one round covers at most 4
+    target = gaussian_mixture_target(SIX, scales=0.5, dtype=torch.float64)
+    found = {}
+    for rounds in (1, "auto"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoMixtureFlow(target.model, num_components=4)
+        result = fit(
+            target.model,
+            *target.args,
+            guide=guide,
+            rounds=rounds,
+            anneal_steps=300,
+            progress=False,
+        )
+        found[rounds] = _covered(target, guide)
+        assert len(result.losses) == result.next_step
+    assert found[1] <= 4
+    assert found["auto"] > found[1]
+    assert result.rounds and result.rounds[0]["round"] == 2
+    assert result.rounds[0]["modes_after"] > result.rounds[0]["modes_before"]
+
+
+def test_a_round_that_fails_gives_back_the_mixture_found_before_it():
+    target = gaussian_mixture_target(SIX, scales=0.5, dtype=torch.float64)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoMixtureFlow(target.model, num_components=4)
+    seen = []
+
+    def callback(step, loss, beta):
+        state = (guide.num_components, guide.locs.detach().clone())
+        if seen and beta < 1 and seen[-1][2] == 1.0:  # a new round's anneal has begun
+            raise KeyboardInterrupt
+        seen.append((*state, beta))
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            target.model,
+            *target.args,
+            guide=guide,
+            anneal_steps=300,
+            progress=False,
+            callback=callback,
+        )
+    k, locs, _ = seen[-1]
+    assert guide.num_components == k and torch.equal(guide.locs.detach(), locs)
+
+
+@pytest.mark.parametrize("rounds, error", [("more", ValueError), (0, ValueError), (1.5, TypeError)])
+def test_bad_rounds_are_refused_before_any_work(rounds, error):
+    target = gaussian_mixture_target([[0.0]], scales=1.0)
+    guide = AutoMixtureFlow(target.model, num_components=2)
+    with pytest.raises(error, match="rounds"):
+        fit(target.model, *target.args, guide=guide, rounds=rounds, progress=False)
+    assert guide.prototype_trace is None
