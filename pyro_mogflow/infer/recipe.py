@@ -62,6 +62,14 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    improvement below 0.01 nats per window counts as none), or at the release when a single
    component is left (its ELBO has just passed the plateau test and it has no mass to move).
 
+7. **Rounds of fresh starts** (``rounds="auto"``). When a mode was reached by a single start
+   (Good's estimate of the chance that another start finds a mode none found is the share
+   of such modes, :mod:`~pyro_mogflow.infer.rounds`), ``fit`` runs the whole annealed fit
+   again from ``K`` fresh prior draws, joins its components to those found, sets the weights
+   and consolidates the modes found twice, while a round adds a mode (at most
+   :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds), then fits the joined mixture at
+   :math:`\beta = 1`. Where every mode was reached by two starts or more it costs nothing.
+
 A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
 then trained at ``flow_lr`` (``lr / 10``): in the benchmark a flow trained from the start, or at
 ``lr``, pulled the components off the modes they had found.
