@@ -255,7 +255,9 @@ def fit(
         ``AutoMixtureFlow`` (no flow, more than one component) with ``num_steps="auto"``
         and tempering, not resumed (:mod:`~pyro_mogflow.infer.rounds`); an int ``r``: at most
         ``r`` rounds by the same rule (1: one round, as before). A later round, and the fit
-        of the joined mixture, run at most twice the steps of the first (and ``max_steps``).
+        of the joined mixture, run at most twice the steps of the first (and ``max_steps``);
+        ``callback`` and the losses see their steps numbered on from the first round's (β
+        climbs again in each round).
     :param convergence: the :class:`~pyro_mogflow.infer.convergence.PlateauTest` of
         ``num_steps="auto"`` (default ``PlateauTest()``: windows of 100 steps, 2 standard
         errors or at most 0.01 nats, masses within 0.01, 2 checks in a row).
@@ -599,12 +601,14 @@ def fit(
         extra: list[dict] = []
         if global_mixture and more and release_counts and not stopped:
             done = [next_step]  # steps run so far, over all rounds
+            begun = [1]  # rounds begun
             # a later round is the first one's problem from other starts: it gets at most
             # twice its steps (one that needs more is stuck on noisy masses, not converging)
             cap = min(max_steps, 2 * next_step)
 
             def fit_round(beta=beta):  # one more annealed fit (beta=None: at beta = 1 only)
-                label = "final" if beta is None else f"round {len(extra) + 2}"
+                begun[0] += 1
+                label = "final" if beta is None else f"round {begun[0]}"
 
                 def shifted(step, loss, beta):
                     return callback(done[0] + step, loss, beta)

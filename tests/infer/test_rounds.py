@@ -55,6 +55,7 @@ def test_rounds_find_the_modes_one_round_of_few_starts_misses():
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AutoMixtureFlow(target.model, num_components=4)
+        steps = []
         result = fit(
             target.model,
             *target.args,
@@ -62,9 +63,12 @@ def test_rounds_find_the_modes_one_round_of_few_starts_misses():
             rounds=rounds,
             anneal_steps=300,
             progress=False,
+            callback=lambda step, loss, beta, seen=steps: seen.append(step),
         )
         found[rounds] = _covered(target, guide)
-        assert len(result.losses) == result.next_step
+        # the steps of every round, numbered on
+        assert len(result.losses) == result.next_step == len(steps)
+        assert steps == list(range(result.next_step))
     assert found[1] <= 4
     assert found["auto"] > found[1]
     assert result.rounds and result.rounds[0]["round"] == 2
