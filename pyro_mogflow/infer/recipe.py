@@ -254,10 +254,9 @@ def fit(
         start after the first round; a new mode after a later one), for a default
         ``AutoMixtureFlow`` (no flow, more than one component) with ``num_steps="auto"``
         and tempering, not resumed (:mod:`~pyro_mogflow.infer.rounds`); an int ``r``: at most
-        ``r`` rounds by the same rule (1: one round, as before). A later round, and the fit
-        of the joined mixture, run at most twice the steps of the first (and ``max_steps``);
-        ``callback`` and the losses see their steps numbered on from the first round's (β
-        climbs again in each round).
+        ``r`` rounds by the same rule (1: one round, as before). ``max_steps`` caps each
+        round and the fit of the joined mixture; ``callback`` and the losses see their steps
+        numbered on from the first round's (β climbs again in each round).
     :param convergence: the :class:`~pyro_mogflow.infer.convergence.PlateauTest` of
         ``num_steps="auto"`` (default ``PlateauTest()``: windows of 100 steps, 2 standard
         errors or at most 0.01 nats, masses within 0.01, 2 checks in a row).
@@ -602,9 +601,6 @@ def fit(
         if global_mixture and more and release_counts and not stopped:
             done = [next_step]  # steps run so far, over all rounds
             begun = [1]  # rounds begun
-            # a later round is the first one's problem from other starts: it gets at most
-            # twice its steps (one that needs more is stuck on noisy masses, not converging)
-            cap = min(max_steps, 2 * next_step)
 
             def fit_round(beta=beta):  # one more annealed fit (beta=None: at beta = 1 only)
                 begun[0] += 1
@@ -617,7 +613,7 @@ def fit(
                     model,
                     *args,
                     guide=guide,
-                    max_steps=cap,
+                    max_steps=max_steps,
                     anneal_steps=anneal_steps,
                     anneal=anneal,
                     prune=prune,

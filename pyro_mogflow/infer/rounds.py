@@ -34,11 +34,13 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..guides.covariance import is_full, replace_mixture_params
+from ..guides.covariance import replace_mixture_params
 from ..guides.initialization import DEFAULT_INIT_SCALE, prior_locs
-from .consolidation import mode_groups
+from .consolidation import _restore, _snapshot, mode_groups
 
 __all__ = ["MAX_ROUNDS", "fresh_start", "join", "mode_counts", "singletons"]
 
@@ -59,22 +61,12 @@ def singletons(counts) -> int:
     return sum(1 for c in counts if round(float(c)) == 1)
 
 
-def _mixture(guide) -> dict:
-    full = is_full(guide)
-    return {
-        "logits": torch.log_softmax(guide.logits.detach(), -1).clone(),
-        "locs": guide.locs.detach().clone(),
-        "scale_tril": guide.scale_tril.detach().tril().clone() if full else None,
-        "scales": None if full else guide.scales.detach().clone(),
-    }
-
-
 @torch.no_grad()
 def fresh_start(guide, num_components: int, *args, **kwargs) -> dict:
     """Replace the guide's mixture by ``num_components`` fresh diagonal components at prior
     draws (scale ``init_scale`` or 0.1, equal weights), as a fit's first round starts; return
     the mixture it had, for :func:`join`. ``args``/``kwargs`` are the model's arguments."""
-    saved = _mixture(guide)
+    saved = _snapshot(guide)
     loc = saved["locs"][0]
     locs = prior_locs(guide.model, guide.prototype_trace, loc, num_components, *args, **kwargs)
     scale = guide._init_scale if guide._init_scale is not None else DEFAULT_INIT_SCALE
@@ -85,8 +77,8 @@ def fresh_start(guide, num_components: int, *args, **kwargs) -> dict:
 
 
 def _tril(mixture: dict) -> torch.Tensor:
-    if mixture["scale_tril"] is not None:
-        return mixture["scale_tril"]
+    if mixture.get("scale_tril") is not None:
+        return mixture["scale_tril"].tril()
     return torch.diag_embed(mixture["scales"])
 
 
@@ -95,16 +87,16 @@ def join(guide, saved: dict) -> None:
     """Put the mixture ``saved`` (from :func:`fresh_start`) back beside the guide's current
     components: ``saved``'s first, half the weight to each side (``fit`` then sets the weights
     to their optimum). Full covariance if either side has it."""
-    new = _mixture(guide)
-    half = torch.log(torch.tensor(0.5, dtype=new["logits"].dtype, device=new["logits"].device))
-    logits = torch.cat([saved["logits"], new["logits"]]) + half
+    new = _snapshot(guide)
+    logits = torch.cat([torch.log_softmax(m["logits"], -1) for m in (saved, new)])
+    logits = logits - math.log(2.0)
     locs = torch.cat([saved["locs"], new["locs"]])
-    if saved["scale_tril"] is None and new["scale_tril"] is None:
-        scales = torch.cat([saved["scales"], new["scales"]])
-        replace_mixture_params(guide, logits, locs, scales=scales)
-    else:
+    if "scale_tril" in saved or "scale_tril" in new:
         tril = torch.cat([_tril(saved), _tril(new)])
         replace_mixture_params(guide, logits, locs, scale_tril=tril)
+    else:
+        scales = torch.cat([saved["scales"], new["scales"]])
+        replace_mixture_params(guide, logits, locs, scales=scales)
 
 
 def more_rounds(
@@ -132,26 +124,16 @@ def more_rounds(
         try:
             result = fit_round()
         except BaseException:  # the guide goes back to the mixture found so far
-            _put_back(guide, saved)
+            _restore(guide, saved)
             raise
         join(guide, saved)
         settle()
         now = len(mode_groups(guide))
         log.append(
             {"round": r, "steps": result.next_step, "modes_before": modes, "modes_after": now}
+            | {"result": result}
         )
-        log[-1]["result"] = result
         if result.stopped or now <= modes:
             break
         modes = now
     return log
-
-
-def _put_back(guide, saved: dict) -> None:
-    replace_mixture_params(
-        guide,
-        saved["logits"],
-        saved["locs"],
-        scales=saved["scales"],
-        scale_tril=saved["scale_tril"],
-    )
