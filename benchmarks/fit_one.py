@@ -15,7 +15,7 @@ import torch
 
 from pyro_mogflow import fit
 
-from .real_models import _truth, evaluate
+from .real_models import NUM_EVAL, _truth, evaluate
 
 __all__ = ["main"]
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = fit(t.model, *t.args, model_kwargs=t.kwargs, progress=False, **options)
     seconds = time.perf_counter() - start
-    scores = evaluate(result.guide, bench, truth, bins, 4096)
+    scores = evaluate(result.guide, bench, truth, bins, NUM_EVAL)
     report = {
         "target": opts.target,
         "seed": opts.seed,

@@ -85,7 +85,11 @@ LR = 5e-3
 #: Seeds of the default run (5 seeds: ``--seeds 5 --jobs N`` on a bigger machine).
 DEFAULT_SEEDS = 1
 #: Guide draws scored per run, and exact draws for the reference moments and mode masses.
-NUM_EVAL, NUM_TRUTH = 4096, 100_000
+#: Guide draws scored per fit, and exact/NUTS draws of the truth. The mass TV of a guide with
+#: exact weights is Monte Carlo noise, about :math:`0.4\sqrt{m/n}` for :math:`m` equal modes
+#: and :math:`n` draws (0.04 for GMM-40's 40 modes at 4096 draws, 0.018 at 20,000), so the
+#: guides are scored on 20,000 draws, as the issue's own table was.
+NUM_EVAL, NUM_TRUTH = 20_000, 100_000
 #: Goal thresholds of issue 10.
 GOAL_TV, GOAL_KL, GOAL_SEED_FRACTION, ELBO_TOLERANCE = 0.05, 0.05, 0.8, 0.05
 QUICK_TARGETS = ("bgmm", "frequency", "synth20")

@@ -37,7 +37,7 @@ def test_a_fresh_start_and_the_join_keep_both_mixtures():
     guide = AutoMixtureFlow(target.model, num_components=3).setup(*target.args)
     guide.to_full_covariance()
     before = guide.locs.detach().clone()
-    saved = fresh_start(guide, 4, *target.args)
+    saved = fresh_start(guide, 4, target.args)
     assert guide.num_components == 4 and not torch.equal(guide.locs[:3].detach(), before)
     fresh = guide.locs.detach().clone()
     join(guide, saved)
@@ -45,6 +45,24 @@ def test_a_fresh_start_and_the_join_keep_both_mixtures():
     assert torch.equal(guide.locs.detach(), torch.cat([before, fresh]))
     weights = torch.softmax(guide.logits.detach(), -1)
     assert float(weights[:3].sum()) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_later_starts_are_the_prior_draws_spread_about_their_median():
+    target = gaussian_mixture_target(SIX, scales=0.5, dtype=torch.float64)
+    locs = {}
+    for spread in (1.0, 2.0):
+        pyro.set_rng_seed(3)
+        guide = AutoMixtureFlow(target.model, num_components=3).setup(*target.args)
+        pyro.set_rng_seed(4)
+        fresh_start(guide, 9, target.args, spread=spread)
+        locs[spread] = guide.locs.detach().clone()
+    mid = locs[1.0].median(0).values
+    assert torch.allclose(locs[2.0], mid + 2.0 * (locs[1.0] - mid))
+    assert float((locs[1.0] - mid).abs().sum()) > 1.0  # the prior draws differ
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="spread"):
+            fresh_start(guide, 9, target.args, spread=bad)
+    assert guide.num_components == 9  # a refused call changed nothing
 
 
 def test_rounds_find_the_modes_one_round_of_few_starts_misses():
