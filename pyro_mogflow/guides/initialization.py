@@ -75,13 +75,13 @@ def init_to_median_or_zero(site: dict | None = None):
 
 
 def init_to_prior_mean(site: dict | None = None):
-    r"""The default ``init_loc_fn``: the mean of the site's prior (given the values upstream)
+    r"""An ``init_loc_fn``: the mean of the site's prior (given the values upstream)
     when it is finite and in the support, else its exact median where the distribution has an
     ``icdf``, else :func:`init_to_median_or_zero`.
 
-    Unlike Pyro's ``init_to_median`` (the median of 15 prior draws) it does not move with the
-    random seed: on a broad prior such as :math:`\mathcal N(0, 30^2)` the 15-draw median lies
-    about 10 from the centre, a start a plain ``SVI`` loop may not recover from.
+    Unlike Pyro's ``init_to_median`` (the median of 15 prior draws, the default) it does not
+    move with the random seed. On a model with a symmetry (label switching, signs) the prior
+    mean is the symmetric point, a saddle a plain ``Trace_ELBO`` loop may stay on.
     """
     if site is None:
         return init_to_prior_mean

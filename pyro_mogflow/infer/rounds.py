@@ -76,7 +76,7 @@ def singletons(counts) -> int:
 def fresh_start(
     guide, num_components: int, args=(), kwargs=None, spread: float = OVERDISPERSION
 ) -> dict:
-    """Replace the guide's mixture by ``num_components`` fresh diagonal components (scale
+    r"""Replace the guide's mixture by ``num_components`` fresh diagonal components (scale
     ``init_scale`` or 0.1, equal weights) at prior draws spread ``spread`` times wider about
     their coordinatewise median (in the unconstrained space; ``spread=1``: the prior draws, as
     a fit's first round starts); return the mixture it had, for :func:`join`.

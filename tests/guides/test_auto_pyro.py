@@ -12,7 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
-from pyro.infer.autoguide import init_to_value
+from pyro.infer.autoguide import AutoNormal, init_to_value
 
 from pyro_mogflow import AutoMixtureFlow
 
@@ -92,13 +92,20 @@ def test_init_scale_is_the_spread_the_guide_starts_with(init_scale):
     assert bool(((scale > 0.5 * init_scale) & (scale < 2.5 * init_scale)).all()), scale
 
 
-def test_defaults_start_every_component_at_the_prior_mean():
+def test_defaults_start_every_component_at_the_median_of_prior_draws():
+    from pyro.infer.autoguide.initialization import init_to_median
+
+    # x ~ N(0, 1), y ~ LogNormal(0, 1): every mean at the point AutoNormal starts from (the
+    # median of 15 prior draws; the same seed gives the same draws), scale 0.1 as AutoNormal's
+    pyro.set_rng_seed(7)
     guide = AutoMixtureFlow(model, num_components=8).setup()
-    # x ~ N(0, 1), y ~ LogNormal(0, 1): prior means 0 and e^{1/2} (log: 1/2), as AutoNormal's
-    # one Gaussian of scale 0.1
-    expected = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64).expand(8, 3)
-    torch.testing.assert_close(guide.locs.detach(), expected)
+    pyro.set_rng_seed(7)
+    ref = AutoNormal(model, init_loc_fn=init_to_median)
+    ref._setup_prototype()
+    expected = torch.cat([ref.locs.x.detach().reshape(1), ref.locs.y.detach().reshape(-1)]).double()
+    torch.testing.assert_close(guide.locs.detach(), expected.expand(8, 3))
     torch.testing.assert_close(guide.scales.detach(), torch.full_like(guide.scales, 0.1))
+    assert float(guide.locs.detach()[0, 0]) != 0.0  # a median of draws, not the prior mean
 
 
 def test_fit_starts_a_default_guide_at_prior_draws():
