@@ -65,7 +65,9 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
 7. **Rounds of fresh starts** (``rounds="auto"``). When a mode was reached by a single start
    (Good's estimate of the chance that another start finds a mode none found is the share
    of such modes, :mod:`~pyro_mogflow.infer.rounds`), ``fit`` runs the whole annealed fit
-   again from ``K`` fresh prior draws, joins its components to those found, sets the weights
+   again from ``K`` fresh prior draws, overdispersed (spread twice as wide about their
+   median, so starts reach the modes in the prior's tails that the first round's draws
+   rarely reach), joins its components to those found, sets the weights
    and consolidates the modes found twice, while a round adds a mode (at most
    :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds), then fits the joined mixture at
    :math:`\beta = 1`. Where every mode was reached by two starts or more it costs nothing.
