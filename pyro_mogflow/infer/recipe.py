@@ -11,8 +11,8 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    ``init_scale``, and is not set up yet or still holds the start a set-up gives it (in a
    plain ``SVI`` loop such a guide starts as one Gaussian at the median of 15 prior draws,
    every component on one point: its means are then redrawn at prior draws, since from one
-   point a model with a sign symmetry keeps every component on its saddle). In a plain loop the same mode
-   finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` trained with
+   point a model with a sign symmetry keeps every component on its saddle). In a plain loop
+   the same mode finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` trained with
    :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
@@ -68,7 +68,7 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    again from ``K`` fresh prior draws, overdispersed (spread twice as wide about their
    median, so starts reach the modes in the prior's tails that the first round's draws
    rarely reach), joins its components to those found, sets the weights
-   and consolidates the modes found twice, while a round adds a mode (at most
+   and consolidates the modes found twice, until two rounds in a row add no mode (at most
    :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds), then fits the joined mixture at
    :math:`\beta = 1`. Where every mode was reached by two starts or more it costs nothing.
 
@@ -252,9 +252,9 @@ def fit(
         Default ``None``: on with ``num_steps="auto"``, off with an int.
     :param rounds: ``"auto"`` (default): up to
         :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds of fresh starts, a round more
-        only while the last one gives evidence of missed modes (a mode reached by a single
-        start after the first round; a new mode after a later one), for a default
-        ``AutoMixtureFlow`` (no flow, more than one component) with ``num_steps="auto"``
+        only while the last ones give evidence of missed modes (a mode reached by a single
+        start after the first round; a new mode in one of the last two after that), for a
+        default ``AutoMixtureFlow`` (no flow, more than one component) with ``num_steps="auto"``
         and tempering, not resumed (:mod:`~pyro_mogflow.infer.rounds`); an int ``r``: at most
         ``r`` rounds by the same rule (1: one round, as before). ``max_steps`` caps each
         round and the fit of the joined mixture; ``callback`` and the losses see their steps

@@ -8,6 +8,7 @@ import torch
 
 from pyro_mogflow import AutoMixtureFlow, fit
 from pyro_mogflow.examples import gaussian_mixture_target
+from pyro_mogflow.infer import rounds as rounds_module
 from pyro_mogflow.infer.rounds import fresh_start, join, mode_counts, singletons
 
 SIX = [[-8.0, -8.0], [-8.0, 8.0], [8.0, -8.0], [8.0, 8.0], [0.0, 12.0], [0.0, -12.0]]
@@ -126,3 +127,30 @@ def test_bad_rounds_are_refused_before_any_work(rounds, error):
     with pytest.raises(error, match="rounds"):
         fit(target.model, *target.args, guide=guide, rounds=rounds, progress=False)
     assert guide.prototype_trace is None
+
+
+@pytest.mark.parametrize(
+    "modes, ran",
+    [
+        ([30, 38, 38, 38, 40, 40], [2, 3, 4]),  # two empty rounds in a row end the rounds
+        ([30, 38, 38, 39, 39, 39], [2, 3, 4, 5, 6]),  # an empty round, then a new mode
+        ([30, 31, 32, 33, 34, 35], [2, 3, 4, 5, 6]),  # every round adds: up to max_rounds
+    ],
+)
+def test_rounds_stop_after_patience_rounds_add_no_mode(monkeypatch, modes, ran):
+    # the mode counts after each round are scripted; fresh starts and joins are no-ops
+    counts = iter(modes)
+    groups = [next(counts)]
+    monkeypatch.setattr(rounds_module, "mode_groups", lambda guide: [[0]] * groups[0])
+    monkeypatch.setattr(rounds_module, "fresh_start", lambda *a, **k: {})
+    monkeypatch.setattr(rounds_module, "join", lambda *a, **k: None)
+
+    class Done:
+        stopped, next_step = False, 10
+
+    def settle():
+        groups[0] = next(counts)
+
+    log = rounds_module.more_rounds(None, (), {}, [1.0, 3.0], 64, 6, Done, settle)
+    assert [r["round"] for r in log] == ran
+    assert rounds_module.PATIENCE == 2
