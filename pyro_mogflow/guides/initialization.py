@@ -19,6 +19,7 @@ __all__ = [
     "check_init_spread",
     "init_to_median_or_zero",
     "init_to_prior_mean",
+    "init_to_zero",
     "prior_locs",
     "resolve_init_spread",
     "spread_locs",
@@ -66,12 +67,32 @@ def init_to_median_or_zero(site: dict | None = None):
     try:
         return init_to_median(site)
     except NotImplementedError:
-        fn = site["fn"]
-        transform = biject_to(fn.support)
-        shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
-        like = next((t for t in vars(fn).values() if isinstance(t, torch.Tensor)), None)
-        zero = torch.zeros(shape) if like is None else like.new_zeros(shape)
-        return transform(zero).detach()
+        return init_to_zero(site)
+
+
+def init_to_zero(site: dict | None = None):
+    """The default ``init_loc_fn`` of a one-point start: the point that is zero in the
+    unconstrained space (the start of Pyro's ``AutoNormal``, whose ``init_to_feasible`` puts
+    it there), found from the distribution's shapes without drawing a sample, so it works for
+    a site that cannot be sampled (e.g. ``ImproperUniform``) too."""
+    if site is None:
+        return init_to_zero
+    fn = site["fn"]
+    if fn.support.is_discrete:  # no unconstrained space: the guide names the site
+        return fn.sample().detach()
+    transform = biject_to(fn.support)
+    try:  # a draw gives the dtype and device (as Pyro's init_to_feasible)
+        return transform(torch.zeros_like(transform.inv(fn.sample().detach()))).detach()
+    except NotImplementedError:
+        pass
+    shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+    while not any(isinstance(t, torch.Tensor) for t in vars(fn).values()) and hasattr(
+        fn, "base_dist"
+    ):
+        fn = fn.base_dist
+    like = next((t for t in vars(fn).values() if isinstance(t, torch.Tensor)), None)
+    zero = torch.zeros(shape) if like is None else like.new_zeros(shape)
+    return transform(zero).detach()
 
 
 def init_to_prior_mean(site: dict | None = None):
@@ -79,9 +100,8 @@ def init_to_prior_mean(site: dict | None = None):
     when it is finite and in the support, else its exact median where the distribution has an
     ``icdf``, else :func:`init_to_median_or_zero`.
 
-    Unlike Pyro's ``init_to_median`` (the median of 15 prior draws, the default) it does not
-    move with the random seed. On a model with a symmetry (label switching, signs) the prior
-    mean is the symmetric point, a saddle a plain ``Trace_ELBO`` loop may stay on.
+    Unlike Pyro's ``init_to_median`` (the median of 15 prior draws) it does not move with the
+    random seed (the default one-point start, :func:`init_to_zero`, does not either).
     """
     if site is None:
         return init_to_prior_mean

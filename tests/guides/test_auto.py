@@ -28,6 +28,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.reparam import NeuTraReparam
 
 from pyro_mogflow import AutoMixtureFlow
+from pyro_mogflow.guides.initialization import init_to_prior_mean
 
 #: Estimators that sample with gradients and work with any Pyro ELBO ("stratified" needs
 #: StratifiedELBO and is tested with it).
@@ -77,6 +78,8 @@ def make_guide(model, estimator, flow="affine_coupling", **kwargs):
     kwargs.setdefault("hidden_dims", [16])
     kwargs.setdefault("init_scale", 0.7)
     kwargs.setdefault("init_spread", 0.3)
+    # the start these checks were sized with (their 60-step fits): the prior mean
+    kwargs.setdefault("init_loc_fn", init_to_prior_mean)
     if flow is None:
         kwargs.pop("hidden_dims")
     return AutoMixtureFlow(model, flow=flow, estimator=estimator, **kwargs)
