@@ -73,26 +73,31 @@ def init_to_median_or_zero(site: dict | None = None):
 def init_to_zero(site: dict | None = None):
     """The default ``init_loc_fn`` of a one-point start: the point that is zero in the
     unconstrained space (the start of Pyro's ``AutoNormal``, whose ``init_to_feasible`` puts
-    it there), found from the distribution's shapes without drawing a sample, so it works for
-    a site that cannot be sampled (e.g. ``ImproperUniform``) too."""
+    it there); for a site that cannot be sampled (e.g. ``ImproperUniform``) found from the
+    distribution's shapes, and for a support with no unconstrained space (a sphere, reached
+    by a reparameterizer) Pyro's ``init_to_median``."""
     if site is None:
         return init_to_zero
     fn = site["fn"]
     if fn.support.is_discrete:  # no unconstrained space: the guide names the site
         return fn.sample().detach()
-    transform = biject_to(fn.support)
-    try:  # a draw gives the dtype and device (as Pyro's init_to_feasible)
-        return transform(torch.zeros_like(transform.inv(fn.sample().detach()))).detach()
-    except NotImplementedError:
-        pass
+    try:
+        transform = biject_to(fn.support)
+    except NotImplementedError:  # e.g. a sphere: Pyro's median start, as before
+        return init_to_median(site)
     shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
-    while not any(isinstance(t, torch.Tensor) for t in vars(fn).values()) and hasattr(
-        fn, "base_dist"
+    inner = fn  # dtype and device from the parameters, without a draw (no random numbers)
+    while not any(isinstance(t, torch.Tensor) for t in vars(inner).values()) and hasattr(
+        inner, "base_dist"
     ):
-        fn = fn.base_dist
-    like = next((t for t in vars(fn).values() if isinstance(t, torch.Tensor)), None)
-    zero = torch.zeros(shape) if like is None else like.new_zeros(shape)
-    return transform(zero).detach()
+        inner = inner.base_dist
+    like = next((t for t in vars(inner).values() if isinstance(t, torch.Tensor)), None)
+    if like is None:
+        try:  # a draw gives them (as Pyro's init_to_feasible)
+            like = transform.inv(fn.sample().detach())
+        except NotImplementedError:
+            like = torch.zeros(())
+    return transform(like.new_zeros(shape)).detach()
 
 
 def init_to_prior_mean(site: dict | None = None):
