@@ -1,6 +1,6 @@
 """The plain ``SVI(..., Trace_ELBO())`` loop on the Bayesian mixture: the ELBO along the way
-for AutoNormal, the default AutoMixtureFlow (started, as AutoNormal, at the median of 15 prior
-draws) and one started at the prior mean, the symmetric point (the default before the fifth
+for AutoNormal, the default AutoMixtureFlow (started where AutoNormal starts, zero in the
+unconstrained space) and one started at the prior mean (the default before the fifth
 session)::
 
     python -m benchmarks.plain_saddle --seed 0 --steps 6000
