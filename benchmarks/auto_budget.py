@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 import warnings
 
-import pyro
 import torch
-
-from pyro_mogflow import fit
 
 from .metrics import evaluate
 from .multimodal import _truth
+from .runner import seeded_fit
 
 __all__ = ["main"]
 
@@ -41,11 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("pyro").setLevel(logging.WARNING)
     bench, true_samples, bins = _truth(opts.target)
     model, args, kwargs = bench.target.model, bench.target.args, bench.target.kwargs
-    pyro.clear_param_store()
-    pyro.set_rng_seed(opts.seed)
-    start = time.perf_counter()
-    result = fit(model, *args, progress=False, model_kwargs=kwargs, **options)
-    seconds = time.perf_counter() - start
+    result, seconds = seeded_fit(model, args, kwargs, opts.seed, options)
     metrics = evaluate(result.guide, bench, true_samples, bins)
     row = {
         "target": opts.target,

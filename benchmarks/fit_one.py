@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-import pyro
 import torch
 
-from pyro_mogflow import fit
-
 from .real_models import NUM_EVAL, _truth, evaluate
+from .runner import seeded_fit
 
 __all__ = ["main"]
 
@@ -30,11 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     bench, truth, bins = _truth(opts.target)
     t = bench.target
-    pyro.clear_param_store()
-    pyro.set_rng_seed(opts.seed)
-    start = time.perf_counter()
-    result = fit(t.model, *t.args, model_kwargs=t.kwargs, progress=False, **options)
-    seconds = time.perf_counter() - start
+    result, seconds = seeded_fit(t.model, t.args, t.kwargs, opts.seed, options)
     scores = evaluate(result.guide, bench, truth, bins, NUM_EVAL)
     report = {
         "target": opts.target,

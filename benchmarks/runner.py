@@ -1,4 +1,5 @@
-"""Shared plumbing of the benchmarks: run jobs (in worker processes), save a report."""
+"""Shared plumbing of the benchmarks: run jobs (in worker processes), save a report, one seeded
+``fit``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Callable
 
+import pyro
 from tqdm.auto import tqdm
 
-__all__ = ["run_jobs", "save_report"]
+from pyro_mogflow import fit
+
+__all__ = ["run_jobs", "save_report", "seeded_fit"]
 
 
 def run_jobs(run_job: Callable[[dict], dict], work: list, jobs: int, desc: str) -> list:
@@ -46,3 +51,13 @@ def save_report(results: dict, text: str, out: str, name: str) -> None:
         json.dump(results, fh, indent=1)
     with open(os.path.join(out, f"{name}.md"), "w") as fh:
         fh.write(text)
+
+
+def seeded_fit(model, args: tuple, kwargs: dict, seed: int, options: dict):
+    """``pyro_mogflow.fit`` from a clear param store and seed ``seed``, with ``options``, no
+    progress bar; returns ``(FitResult, wall seconds)``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+    result = fit(model, *args, progress=False, model_kwargs=kwargs, **options)
+    return result, time.perf_counter() - start

@@ -9,9 +9,10 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    the model's prior (``init_spread="prior"``); so it does any ``AutoMixtureFlow`` passed as
    ``guide=`` that was left at ``init_spread="auto"`` with neither ``init_loc_fn`` nor
    ``init_scale``, and is not set up yet or still holds the start a set-up gives it (in a
-   plain ``SVI`` loop such a guide starts as one Gaussian at the median of 15 prior draws,
-   every component on one point: its means are then redrawn at prior draws, since from one
-   point a model with a sign symmetry keeps every component on its saddle). In a plain loop
+   plain ``SVI`` loop such a guide starts as one Gaussian where ``AutoNormal`` starts, zero in
+   the unconstrained space, every component on one point: its means are then redrawn at
+   prior draws, since from one point a model with a sign symmetry keeps every component on
+   its saddle). In a plain loop
    the same mode finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` trained with
    :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the

@@ -19,9 +19,9 @@ runs another round on the same guide: :math:`K` fresh components at new prior dr
 twice consolidated into one. It goes on until :data:`PATIENCE` rounds in a row add no mode,
 up to :data:`MAX_ROUNDS` rounds, and ends with a fit at :math:`\beta = 1` of the joined
 mixture. (A round of :math:`K` starts misses a mode whose basin draws a share :math:`p` of
-the starts with probability :math:`(1 - p)^K`: 0.44 for :math:`p = 0.0127` and
+the starts with probability :math:`(1 - p)^K`: 0.45 for :math:`p = 0.0124` and
 :math:`K = 64`, the smallest share on GMM-40 below; two rounds in a row miss it with
-probability 0.19.) A posterior whose
+probability 0.20.) A posterior whose
 modes were each reached by two starts or more (every unimodal one, and most with a few modes)
 never pays for a second round.
 
@@ -33,7 +33,8 @@ spread :data:`OVERDISPERSION` times wider about their coordinatewise median in t
 unconstrained space, :math:`\tilde\theta = m + c\,(\theta - m)` (overdispersed starting
 points, as for the chains of Gelman and Rubin 1992). On the 50-D GMM-40 of the real-models
 benchmark, the basins' shares of prior draws (each draw assigned to its nearest mean) range
-from 0.003 to 0.135; of draws spread twice as wide, from 0.013 to 0.044. One round of 64
+from 0.003 to 0.137; of draws spread twice as wide, from 0.012 to 0.044
+(``python -m benchmarks.basin_shares``). One round of 64
 starts covers about 29 of its 40 modes; README has the figures with rounds.
 
 References:
@@ -50,6 +51,7 @@ import math
 
 import torch
 
+from .._validation import check_real
 from ..guides.covariance import replace_mixture_params
 from ..guides.initialization import DEFAULT_INIT_SCALE, prior_locs
 from .consolidation import _restore, _snapshot, mode_groups
@@ -100,9 +102,7 @@ def fresh_start(
     :param dict kwargs: its keyword arguments.
     :param float spread: :math:`c \ge 1` in :math:`m + c\,(\theta - m)`.
     """
-    spread = float(spread)
-    if not spread >= 1.0 or not math.isfinite(spread):
-        raise ValueError(f"spread must be a finite float >= 1, got {spread!r}")
+    spread = check_real("spread", spread, minimum=1.0)
     kwargs = {} if kwargs is None else kwargs
     saved = _snapshot(guide)
     loc = saved["locs"][0]

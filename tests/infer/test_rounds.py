@@ -63,6 +63,8 @@ def test_later_starts_are_the_prior_draws_spread_about_their_median():
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="spread"):
             fresh_start(guide, 9, target.args, spread=bad)
+    with pytest.raises(TypeError, match="spread"):
+        fresh_start(guide, 9, target.args, spread="wide")
     assert guide.num_components == 9  # a refused call changed nothing
 
 
