@@ -254,13 +254,14 @@ class AutoMixtureFlow(EstimatorState, UniqueName, ModelChecks, SampleSummaries, 
         seeds the prototype) the median of 15 prior draws, so a ``"prior"`` start, e.g. under
         :func:`~pyro_mogflow.fit`, draws the very components it drew before.
 
-        Measured (2026-11-29, fifth session; README, "The plain SVI loops"): from
-        ``AutoNormal``'s start a one-component guide under ``Trace_ELBO`` follows
-        ``AutoNormal``'s losses exactly (the benchmark's Bayesian Gaussian mixture, seed 0:
-        mean loss of the last 500 of 3000 steps 296.23 for both); the former start at the prior
-        mean (a scale site at its prior mean rather than 1) ended 0.5 nats worse, and the
-        median of 15 prior draws lies about 10 from the centre of an N(0, 30^2) prior, which
-        left a plain loop hundreds of nats behind ``AutoNormal`` on the 20-100-D targets."""
+        Measured (2026-11-29, fifth session; README, "Fifth session"): with ``AutoNormal``'s
+        start (and its random draws) a one-component guide under ``Trace_ELBO`` follows
+        ``AutoNormal``'s losses exactly (``python -m benchmarks.plain_saddle``); over 5 seeds
+        the plain ``Trace_ELBO`` loop from this start left the Bayesian mixture's
+        label-switching saddle in 2 seeds, from the former start (the prior mean, a scale
+        site at 1.6 rather than 1) in none; the median of 15 prior draws lies about 10 from
+        the centre of an N(0, 30^2) prior per coordinate and left a plain loop hundreds of
+        nats behind ``AutoNormal`` on the 20-100-D targets."""
         if site is None:
             return self._default_init
         if self._init_spread == "prior":
