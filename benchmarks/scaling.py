@@ -1,7 +1,8 @@
 r"""Cost at scale: ``fit()`` defaults against AutoNormal as the data grow (issue 11, item 3).
 
 Run ``python -m benchmarks.scaling`` (``--max-n 10000`` on a small machine, ``--device cuda``
-on a GPU; ``--parts`` picks the tables, ``--anneal fixed`` times ``fit(anneal="fixed")``). It
+on a GPU, ``--min-n`` to start the logistic rows at a larger ``N``; ``--parts`` picks the
+tables, ``--anneal fixed`` times ``fit(anneal="fixed")``). It
 prints, and writes to ``--out`` (default ``benchmarks/results/scaling``: ``scaling.md``,
 ``scaling.json`` and the plot ``scaling.png``):
 
@@ -331,6 +332,7 @@ def _sign_rows(s: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--min-n", type=float, default=1e3, help="smallest N (default 1e3)")
     parser.add_argument("--max-n", type=float, default=1e6, help="largest N (default 1e6)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-steps", type=int, default=10000, help="cap of every fit")
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(results["machine"], results["date"], file=sys.stderr)
     fit_options = {} if opts.anneal is None else {"anneal": opts.anneal}
     results["fit_options"] = fit_options
-    n = 1000
+    n = int(opts.min_n)
     while "logistic" in opts.parts and n <= opts.max_n:
         args = _data("logistic", n, 20, opts.device)[:2]
         a = _run_autonormal(logistic_model, args, opts.max_steps)
