@@ -25,7 +25,10 @@ class FitResult(tuple):
         ``pruned``, ``merged``, ``pruned_mass`` and ``num_components`` (after it).
     :ivar list rounds: the rounds of fresh starts after the first
         (:mod:`~pyro_mogflow.infer.rounds`), each a dict with ``round``, ``steps``,
-        ``modes_before`` and ``modes_after``; empty when there was one round.
+        ``modes_before`` and ``modes_after``; empty when there was one round. Where the last
+        rounds added no mode, the last dict also has ``fallback``
+        (:func:`~pyro_mogflow.infer.rounds.better_of`'s report: ``restored`` says whether the
+        mixture of before them was returned, ``elbo`` and ``elbo_fallback`` the estimates).
     """
 
     def __new__(

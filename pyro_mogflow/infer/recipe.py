@@ -162,7 +162,7 @@ from .recipe_checks import (
     _NonFiniteStep,
     _pathwise_hint,
 )
-from .rounds import MAX_ROUNDS, mode_counts, more_rounds
+from .rounds import MAX_ROUNDS, better_of, mode_counts, more_rounds
 from .stratified import StratifiedELBO
 from .subsampling import subsampled_plates, unless_subsampled
 from .tempering import TemperedModel
@@ -642,12 +642,18 @@ def fit(
                 losses.extend(sub.losses.tolist())
                 return sub
 
-            extra = more_rounds(
+            extra, fallback = more_rounds(
                 guide, args, kwargs, release_counts, num_starts, rounds, fit_round, settle_joined
             )
             last = extra[-1]["result"] if extra else None
             if last is not None and not last.stopped:
                 last = fit_round(beta=None)  # the joined mixture at beta = 1, to convergence
+                if fallback is not None:  # the mixture of before the empty rounds, if better
+                    extra[-1]["fallback"] = better_of(
+                        model, guide, fallback, args, kwargs, memory_budget=memory_budget
+                    )
+                    if extra[-1]["fallback"]["restored"]:
+                        _drop_stale_optimizer_state(last.optim, guide)
             if last is not None:
                 offset = done[0] - last.next_step  # the reason counts the steps of all rounds
                 reason = re.sub(r"step (\d+)", lambda m: f"step {int(m[1]) + offset}", last.reason)

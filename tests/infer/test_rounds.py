@@ -144,9 +144,7 @@ def test_rounds_stop_after_patience_rounds_add_no_mode(monkeypatch, modes, ran):
     counts = iter(modes)
     groups = [next(counts)]
     monkeypatch.setattr(rounds_module, "mode_groups", lambda guide: [[0]] * groups[0])
-    monkeypatch.setattr(rounds_module, "fresh_start", lambda *a, **k: {})
     monkeypatch.setattr(rounds_module, "join", lambda *a, **k: None)
-    monkeypatch.setattr(rounds_module, "_restore", lambda *a, **k: None)
 
     class Done:
         stopped, next_step = False, 10
@@ -154,37 +152,31 @@ def test_rounds_stop_after_patience_rounds_add_no_mode(monkeypatch, modes, ran):
     def settle():
         groups[0] = next(counts)
 
-    log = rounds_module.more_rounds(None, (), {}, [1.0, 3.0], 64, 6, Done, settle)
+    saved = iter(range(100))
+    monkeypatch.setattr(rounds_module, "fresh_start", lambda *a, **k: {"round": next(saved)})
+    log, fallback = rounds_module.more_rounds(None, (), {}, [1.0, 3.0], 64, 6, Done, settle)
     assert [r["round"] for r in log] == ran
-    best = [modes[0]] + [max(modes[: i + 1]) for i in range(1, len(modes))]
-    assert [r["kept"] for r in log] == [modes[i] > best[i - 1] for i in range(1, len(log) + 1)]
+    # the fallback: the mixture of before the first of the last rounds that added no mode
+    last_new = max(i for i in range(len(ran) + 1) if i == 0 or modes[i] > max(modes[:i]))
+    expected = None if last_new == len(ran) else {"round": last_new}
+    assert fallback == expected
     assert rounds_module.PATIENCE == 2
 
 
-def test_a_round_that_adds_no_mode_is_undone(monkeypatch):
-    # a real guide, real fresh starts and joins; the mode count after each round is scripted
-    target = gaussian_mixture_target(SIX, scales=0.5)
+def test_better_of_returns_the_mixture_with_the_higher_elbo():
+    # two modes; "before" holds both, the current mixture has lost one: before is restored,
+    # and a current mixture that is the better one stays
+    target = gaussian_mixture_target([[-4.0], [4.0]], scales=0.5, dtype=torch.float64)
     pyro.set_rng_seed(0)
-    guide = AutoMixtureFlow(target.model, num_components=3).setup(*target.args)
-    before = {n: getattr(guide, n).detach().clone() for n in ("locs", "scales", "logits")}
-    modes = iter([3, 3, 4])  # before the rounds; after round 2 (no new mode); after round 3
-    monkeypatch.setattr(rounds_module, "mode_groups", lambda g: [[0]] * now[0])
-    now = [next(modes)]
-
-    class Done:
-        stopped, next_step = False, 10
-
-    def settle():
-        now[0] = next(modes)
-
-    def fit_round():
-        return Done
-
-    log = rounds_module.more_rounds(guide, target.args, {}, [1.0, 2.0], 4, 3, fit_round, settle)
-    assert [r["kept"] for r in log] == [False, True]
-    # round 2 was undone, round 3 joined beside the mixture of before round 2
-    assert guide.num_components == 3 + 4
-    assert torch.equal(guide.locs[:3].detach(), before["locs"])
-    assert torch.equal(guide.scales[:3].detach(), before["scales"])
-    w = torch.softmax(guide.logits.detach(), -1)[:3]
-    assert torch.allclose(w, 0.5 * torch.softmax(before["logits"], -1))
+    guide = AutoMixtureFlow(target.model, num_components=2, init_scale=0.5).setup(*target.args)
+    with torch.no_grad():
+        guide.locs_unconstrained.copy_(torch.tensor([[-4.0], [4.0]], dtype=torch.float64))
+    good = {n: getattr(guide, n).detach().clone() for n in ("locs", "scales", "logits")}
+    with torch.no_grad():
+        guide.locs_unconstrained.copy_(torch.tensor([[-4.0], [-4.0]], dtype=torch.float64))
+    bad = {n: getattr(guide, n).detach().clone() for n in ("locs", "scales", "logits")}
+    report = rounds_module.better_of(target.model, guide, good, target.args)
+    assert report["restored"] and report["elbo_fallback"] > report["elbo"] + 0.5  # ~log 2
+    assert torch.equal(guide.locs.detach(), good["locs"])
+    report = rounds_module.better_of(target.model, guide, bad, target.args)
+    assert not report["restored"] and torch.equal(guide.locs.detach(), good["locs"])
