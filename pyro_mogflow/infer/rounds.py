@@ -22,10 +22,10 @@ mixture. Rounds that add no mode still join (their components on the modes held 
 improved the modes' masses on the BNN of the real-models benchmark), but they can also spoil
 them (frequency estimation: several components on one mode, each weight fitted from a finite
 sample): so ``fit`` keeps the mixture of before the first of those rounds, and returns it
-instead where its ELBO is higher (:func:`better_of`). (A round of :math:`K` starts misses a mode whose basin draws a share :math:`p` of
-the starts with probability :math:`(1 - p)^K`: 0.45 for :math:`p = 0.0124` and
-:math:`K = 64`, the smallest share on GMM-40 below; two rounds in a row miss it with
-probability 0.20.) A posterior whose
+instead where its ELBO is higher (:func:`better_of`). (A round of :math:`K` starts misses a
+mode whose basin draws a share :math:`p` of the starts with probability :math:`(1 - p)^K`:
+0.45 for :math:`p = 0.0124` and :math:`K = 64`, the smallest share on GMM-40 below; two
+rounds in a row miss it with probability 0.20.) A posterior whose
 modes were each reached by two starts or more (every unimodal one, and most with a few modes)
 never pays for a second round.
 
