@@ -71,7 +71,9 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    rarely reach), joins its components to those found, sets the weights
    and consolidates the modes found twice, until two rounds in a row add no mode (at most
    :data:`~pyro_mogflow.infer.rounds.MAX_ROUNDS` rounds), then fits the joined mixture at
-   :math:`\beta = 1`. Where every mode was reached by two starts or more it costs nothing.
+   :math:`\beta = 1`; where the last rounds added no mode, the mixture of before them is
+   returned instead if its ELBO is higher (:func:`~pyro_mogflow.infer.rounds.better_of`).
+   Where every mode was reached by two starts or more it costs nothing.
 
 A flow on the mixture (``AutoMixtureFlow(flow=...)``) is held fixed while :math:`\beta < 1` and
 then trained at ``flow_lr`` (``lr / 10``): in the benchmark a flow trained from the start, or at
