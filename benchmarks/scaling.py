@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--anneal", choices=["fixed", "adaptive"], default=None, help="fit(anneal=...)"
     )
     opts = parser.parse_args(argv)
+    if not 1 <= opts.min_n <= opts.max_n:
+        parser.error("--min-n must be at least 1 and at most --max-n")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if not opts.device.startswith("cuda"):

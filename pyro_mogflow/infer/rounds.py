@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from .._validation import check_real
+from .._validation import check_int, check_real
 from ..guides.covariance import replace_mixture_params
 from ..guides.initialization import DEFAULT_INIT_SCALE, prior_locs
 from .consolidation import _restore, _snapshot, estimate_elbo, mode_groups
@@ -146,7 +146,9 @@ def join(guide, saved: dict) -> None:
 
 
 @torch.no_grad()
-def better_of(model, guide, fallback: dict, args=(), kwargs=None, draws: int = 128, **opts):
+def better_of(
+    model, guide, fallback: dict, args=(), kwargs=None, draws: int = 128, memory_budget=None
+) -> dict:
     r"""Put ``fallback`` (a mixture snapshot) back in ``guide`` where its ELBO is higher by
     more than one standard error of the difference; return a dict with both estimates and
     ``restored``.
@@ -158,16 +160,21 @@ def better_of(model, guide, fallback: dict, args=(), kwargs=None, draws: int = 1
     :param model: the model (untempered).
     :param guide: a stratified ``AutoMixtureFlow`` holding the mixture fitted last.
     :param dict fallback: ``locs``, ``logits`` and ``scales`` or ``scale_tril``.
-    :param int draws: draws per component of the larger mixture.
-    :param opts: ``memory_budget``.
+    :param int draws: draws per component of the larger mixture (at least 2).
+    :param memory_budget: bytes per evaluated chunk (default 1 GiB).
+    :raises TypeError: if ``fallback`` is not a mixture snapshot or ``draws`` not an int.
+    :raises ValueError: if ``draws < 2``.
     """
+    draws = check_int("draws", draws, 2)
+    if not isinstance(fallback, dict) or not {"locs", "logits"} <= fallback.keys():
+        raise TypeError("fallback must be a mixture snapshot: a dict with 'locs' and 'logits'")
     kwargs = {} if kwargs is None else kwargs
     current = _snapshot(guide)
     total = draws * max(guide.num_components, len(fallback["logits"]))
 
     def score():
         per = max(2, -(-total // guide.num_components))
-        return estimate_elbo(model, guide, args, kwargs, per, opts.get("memory_budget"))
+        return estimate_elbo(model, guide, args, kwargs, per, memory_budget)
 
     now = score()
     _restore(guide, fallback)
@@ -180,7 +187,7 @@ def better_of(model, guide, fallback: dict, args=(), kwargs=None, draws: int = 1
 
 def more_rounds(
     guide, args, kwargs, counts, num_components: int, max_rounds: int, fit_round, settle
-) -> list[dict]:
+) -> tuple[list[dict], dict | None]:
     """The rounds after the first (see the module docstring); the guide ends with the joined
     mixture of every round.
 
@@ -198,7 +205,7 @@ def more_rounds(
         added a mode or no round ran).
     """
     log: list[dict] = []
-    fallback: list[dict] = []
+    fallback = None
     if singletons(counts) < 1:
         return log, None
     modes = len(mode_groups(guide))
@@ -220,11 +227,11 @@ def more_rounds(
         if result.stopped:
             break
         if now > modes:
-            empty, fallback[:] = 0, []
+            empty, fallback = 0, None
         else:  # the mixture of before the first of these rounds holds every mode found
             empty += 1
-            fallback[:] = fallback or [saved]
+            fallback = saved if fallback is None else fallback
         if empty >= PATIENCE:
             break
         modes = max(modes, now)
-    return log, (fallback[0] if fallback else None)
+    return log, fallback

@@ -37,3 +37,10 @@ def test_a_run_of_some_parts_writes_only_those_tables(tmp_path):
     assert set(results["growth"]) == {"D", "K"} and "sign" not in results
     assert (tmp_path / "scaling.png").exists()
     assert "ms per StratifiedELBO step" in (tmp_path / "scaling.md").read_text()
+
+
+def test_min_n_above_max_n_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        scaling.main(["--min-n", "1e4", "--max-n", "1e3", "--out", str(tmp_path)])
+    assert "--min-n" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -180,3 +180,10 @@ def test_better_of_returns_the_mixture_with_the_higher_elbo():
     assert torch.equal(guide.locs.detach(), good["locs"])
     report = rounds_module.better_of(target.model, guide, bad, target.args)
     assert not report["restored"] and torch.equal(guide.locs.detach(), good["locs"])
+    # bad input is refused before any work, the guide as it was
+    for value, error in ((1, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="draws"):
+            rounds_module.better_of(target.model, guide, good, target.args, draws=value)
+    with pytest.raises(TypeError, match="fallback"):
+        rounds_module.better_of(target.model, guide, {"locs": good["locs"]}, target.args)
+    assert torch.equal(guide.locs.detach(), good["locs"])
