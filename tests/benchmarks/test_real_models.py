@@ -317,3 +317,60 @@ def test_fit_keeps_both_sign_modes_of_factor_analysis():
     masses = target.mode_masses(guide.sample_posterior(4000, *target.args)["lam"])
     # each sign mode holds half the posterior; 0.3 leaves room for the guide's own error
     assert float(masses.min()) > 0.3, masses
+
+
+# ------------------------------------------------------------------------ goal checks
+def _runs(guide: str, elbos: list, modes: int | None = None) -> list:
+    out = []
+    for seed, elbo in enumerate(elbos):
+        metrics = {"elbo": elbo}
+        if modes is not None:
+            metrics.update(num_modes=2, modes_covered=modes, mass_tv=0.01)
+        out.append(
+            {"target": "t", "guide": guide, "seed": seed, "metrics": metrics, "fit_seconds": 1.0}
+        )
+    return out
+
+
+def test_summary_has_the_standard_error_of_the_mean():
+    from benchmarks.real_models import summarise
+
+    cell = summarise(_runs("AutoNormal", [-10.0, -12.0, -11.0]))["t"]["AutoNormal"]["elbo"]
+    assert cell["mean"] == pytest.approx(-11.0)
+    assert cell["se"] == pytest.approx(1.0 / math.sqrt(3))  # sd 1 over sqrt(3) seeds
+    assert math.isnan(summarise(_runs("AutoNormal", [-1.0]))["t"]["AutoNormal"]["elbo"]["se"])
+
+
+def test_elbo_gap_reads_seed_noise_as_noise_and_a_real_loss_as_worse():
+    from benchmarks.real_models import ELBO_TOLERANCE, elbo_gap
+
+    noisy = {"mean": -10.3, "se": 0.2}
+    ref = {"mean": -10.0, "se": 0.2}
+    gap, se, worse = elbo_gap(noisy, ref)
+    assert gap == pytest.approx(0.3) and se == pytest.approx(math.sqrt(0.08))
+    assert not worse  # 0.3 < 0.05 + 2 * 0.28
+    assert elbo_gap({"mean": -11.0, "se": 0.1}, {"mean": -10.0, "se": 0.1})[2]
+    # one seed: no standard error, the tolerance alone decides
+    one = elbo_gap({"mean": -10.0 - 2 * ELBO_TOLERANCE, "se": float("nan")}, {"mean": -10.0})
+    assert one[2] and math.isnan(one[1])
+
+
+def test_goals_compare_with_autonormal_by_standard_error_and_need_fit_for_modes():
+    from benchmarks.real_models import check_goals, summarise
+
+    label = "SVI AMF + Trace_ELBO"
+    runs = _runs(label, [-10.3, -10.1, -10.5, -10.2, -10.4], modes=1)
+    runs += _runs("AutoNormal", [-9.8, -10.6, -10.0, -10.5, -9.9], modes=1)
+    goals = check_goals(summarise(runs))
+    never = next(g for g in goals if g["goal"].startswith(label) and "never worse" in g["goal"])
+    assert never["met"] and "gap" in never["figure"]
+    modes = next(g for g in goals if g["goal"].startswith(label) and "finds the modes" in g["goal"])
+    assert not modes["met"] and "not measured" in modes["figure"]  # no fit() row to compare
+    far = _runs(label, [-15.0, -15.1, -14.9, -15.0, -15.2], modes=1)
+    far += _runs("AutoNormal", [-10.0, -10.1, -9.9, -10.0, -10.2], modes=1)
+    far += _runs("fit()", [-9.0] * 5, modes=2)
+    goals = check_goals(summarise(far))
+    never = next(g for g in goals if g["goal"].startswith(label) and "never worse" in g["goal"])
+    assert not never["met"] and "worse on t" in never["figure"]
+    modes = next(g for g in goals if g["goal"].startswith(label) and "finds the modes" in g["goal"])
+    assert not modes["met"] and "fewer modes" in modes["figure"]
