@@ -4,7 +4,8 @@
 * :class:`TemperedModel`, :class:`Schedule` -- tempering of the target and annealing schedules.
 * :func:`balance_weights` and natural-gradient steps for the mixture weights; the same steps
   as a Pyro optimiser for a plain ``SVI`` loop (:class:`MixtureNaturalGradient`);
-  natural-gradient (iBLR) steps for the components (:mod:`~pyro_mogflow.infer.component_steps`).
+  natural-gradient (iBLR) steps for the components (:mod:`~pyro_mogflow.infer.component_steps`),
+  in a plain loop through :class:`NaturalStratifiedELBO`.
 * :func:`fit` -- the mode-finding recipe (module :mod:`~pyro_mogflow.infer.recipe`).
 * :func:`fit_max_entropy` -- maximum-entropy flows under moment constraints (MEFN).
 * :class:`DistributedSVI` -- data-parallel SVI on ``torch.distributed`` (``torchrun``), with
@@ -23,6 +24,7 @@ from .distributed import DistributedSVI
 from .max_entropy import MaxEntropyResult, fit_max_entropy
 from .mixture_optim import MixtureNaturalGradient
 from .mixture_weights import balance_weights
+from .natural_elbo import NaturalStratifiedELBO
 from .recipe import FitResult, default_beta_schedule, fit
 from .stratified import StratifiedELBO, StratifiedParticles
 from .tempering import (
@@ -39,6 +41,7 @@ __all__ = [
     "FitResult",
     "MaxEntropyResult",
     "MixtureNaturalGradient",
+    "NaturalStratifiedELBO",
     "Schedule",
     "StratifiedELBO",
     "StratifiedParticles",

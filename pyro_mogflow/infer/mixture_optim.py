@@ -24,6 +24,7 @@ from pyro.optim import PyroOptim
 
 from .._validation import check_real
 from ..guides import AutoMixtureFlow
+from ..guides.covariance import is_full
 from .mixture_weights import _natural_weight_step, _unconstrained
 
 __all__ = ["DEFAULT_WEIGHT_STEP", "MixtureNaturalGradient"]
@@ -114,10 +115,10 @@ class MixtureNaturalGradient(PyroOptim):
             if any(p is logits for p in params) and logits.grad is not None:
                 with torch.no_grad():
                     pi = torch.softmax(logits.detach(), -1)
-                    for name in ("locs", "scales"):
+                    for name in ("locs", "scale_tril" if is_full(guide) else "scales"):
                         leaf = _unconstrained(getattr(guide, name))
                         if leaf.grad is not None and any(p is leaf for p in params):
-                            leaf.grad.div_(pi.unsqueeze(-1))
+                            leaf.grad.div_(pi.reshape(pi.shape + (1,) * (leaf.dim() - 1)))
                     # -g / pi = L_k - sum_j pi_j L_j: the "terms" of the shared update
                     _natural_weight_step(logits, -logits.grad / pi, self.weight_step)
                 params = [p for p in params if p is not logits]

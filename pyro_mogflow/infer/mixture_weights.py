@@ -30,10 +30,11 @@ from ..distributions.density import component_log_prob, full_component_log_prob
 from ..guides import AutoMixtureFlow
 from ..guides.covariance import is_full
 from .budget import _drop_stale_optimizer_state
-from .component_steps import base_gradients, natural_component_deltas
+from .component_steps import natural_component_deltas
 from .memory import DEFAULT_MEMORY_BUDGET
+from .natural_elbo import by_component, component_shares
 from .stratified import StratifiedELBO
-from .stratified_chunks import particles_and_base, run_shares
+from .stratified_chunks import particles_and_base
 from .subsampling import subsampled_plates
 
 __all__ = ["MIN_WEIGHT", "WEIGHT_OBJECTIVES", "balance_weights", "natural_gradient_stepper"]
@@ -212,21 +213,6 @@ def _elbo_and_se(fixed, log_q, log_pi, ok_k, k: int, n: int) -> tuple[float, flo
     return value, se
 
 
-def _by_component(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base draws and their gradients of every component, ``(K, n, D)`` each, put together
-    from chunks of components (``parts[i][1]`` their indices, None for all) or of draws."""
-    if len(parts) == 1:
-        return parts[0][4], parts[0][5]
-    rows: dict = {}
-    for part in parts:
-        for j, c in enumerate(part[1].tolist()):
-            rows.setdefault(c, []).append((part[4][j], part[5][j]))
-    order = sorted(rows)
-    base = torch.stack([torch.cat([b for b, _ in rows[c]]) for c in order])
-    grads = torch.stack([torch.cat([g for _, g in rows[c]]) for c in order])
-    return base, grads
-
-
 def _backward_needed(trace, guide, natural: bool, weight_step, freeze_flow) -> bool:
     """Whether a step's backward pass feeds any parameter: not when the means and scales take
     natural steps, the logits natural weight steps, the flow (if any) is frozen and the
@@ -291,23 +277,16 @@ def natural_gradient_stepper(
                 on_full(*args, **kwargs)
             _drop_stale_optimizer_state(optim, guide)
         n = elbo.num_particles
-
-        def share(comps, _):  # a chunk of components, or of one's draws, backpropagated
-            log_ratio, log_pi = elbo.particles(model, guide, *args, **kwargs)[:2]
-            base = grads = None
-            backward = _backward_needed(capture.trace, guide, natural, weight_step, freeze_flow)
-            if natural:  # the draws' gradients wrt the base points, q's parameters fixed
-                base = elbo.last_sample.base
-                grads = base_gradients(log_ratio, base, retain_graph=backward)
-                base = base.detach().reshape(grads.shape)
-            sums = log_ratio.sum(-1)  # this chunk's part of n L_k
-            loss = -(log_pi.exp() * sums).sum() / n
-            if backward:
-                loss.backward()
-            return loss.detach(), comps, sums.detach(), log_pi.detach(), base, grads
-
         with poutine.trace(param_only=True) as capture:
-            parts = run_shares(elbo, model, guide, args, kwargs, share)
+            parts = component_shares(
+                elbo,
+                model,
+                guide,
+                args,
+                kwargs,
+                natural,
+                lambda: _backward_needed(capture.trace, guide, natural, weight_step, freeze_flow),
+            )
         loss = sum(p[0] for p in parts)
         if len(parts) == 1:
             terms, log_pi = parts[0][2] / n, parts[0][3]
@@ -323,7 +302,7 @@ def natural_gradient_stepper(
         params = set(named.values())
         moved = {}
         if natural:
-            base, grads = _by_component(parts)
+            base, grads = by_component(parts)
             for name, delta in natural_component_deltas(guide, base, grads).items():
                 leaf = _unconstrained(getattr(guide, name))
                 leaf.grad = -delta  # so that check() sees a non-finite step; never to optim
