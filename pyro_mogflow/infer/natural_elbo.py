@@ -59,8 +59,8 @@ __all__ = ["NaturalStratifiedELBO", "by_component", "component_shares"]
 def component_shares(
     elbo: StratifiedELBO, model, guide, args, kwargs, natural: bool, backward: Callable[[], bool]
 ) -> list:
-    """Evaluate the stratified ELBO chunk by chunk (:func:`run_shares`), each chunk's share of
-    the loss backpropagated at once when ``backward()`` says so.
+    """Evaluate the stratified ELBO chunk by chunk (``stratified_chunks.run_shares``), each
+    chunk's share of the loss backpropagated at once when ``backward()`` says so.
 
     :return: per chunk ``(loss, components, sums, log_pi, base, grads)``: its share of the
         negative ELBO (detached), its component indices (``None``: all), the sum over its
