@@ -150,3 +150,20 @@ def test_mixture_natural_gradient_steps_a_full_covariance_guide():
     before = guide.scale_tril.detach().clone()
     assert math.isfinite(svi.step())
     assert not torch.equal(guide.scale_tril.detach(), before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    center = torch.tensor([1.0, -2.0], device="cuda")
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, device="cuda"), 10.0).to_event(1))
+        pyro.factor("f", -0.5 * (z - center).pow(2).sum(-1))
+
+    pyro.clear_param_store()
+    guide = AutoMixtureFlow(model, num_components=4, init_spread=1.0).setup()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), NaturalStratifiedELBO())
+    for _ in range(3):
+        assert math.isfinite(svi.step())
+    assert guide.locs.device.type == "cuda" and guide.locs_unconstrained.grad is None
