@@ -13,8 +13,10 @@ the multimodal benchmark (``python -m benchmarks.multimodal``) showed is needed,
    the unconstrained space, every component on one point: its means are then redrawn at
    prior draws, since from one point a model with a sign symmetry keeps every component on
    its saddle). In a plain loop
-   the same mode finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` trained with
-   :class:`~pyro_mogflow.MixtureNaturalGradient` (item 4 as an optimiser).
+   the same mode finding comes from ``AutoMixtureFlow(model, init_spread="prior")`` on a
+   :class:`~pyro_mogflow.TemperedModel`, trained with
+   :class:`~pyro_mogflow.NaturalStratifiedELBO` (item 4's component steps) and
+   :class:`~pyro_mogflow.MixtureNaturalGradient` (its weight steps, as an optimiser).
 2. **Tempering.** The model is trained as :class:`~pyro_mogflow.TemperedModel` with the
    likelihood raised to a power :math:`\beta` that grows geometrically from ``beta_start`` to 1
    in at most ``anneal_steps`` steps, rung by rung, a rung ending early once the tempered ELBO
