@@ -89,17 +89,32 @@ def full_component_log_prob(
         (only the lower triangle is read).
     :return: shape ``(*sample, *batch, K)``.
     """
+    # An expanded batch of factors (stride 0, e.g. a posterior ``expand``-ed over draws) is one
+    # factor: keep one copy, so no solve below sees a copy of L_k per point.
+    scale_tril = scale_tril[
+        tuple(
+            slice(0, 1) if scale_tril.stride(i) == 0 and scale_tril.shape[i] > 1 else slice(None)
+            for i in range(scale_tril.dim() - 2)
+        )
+    ]
     diff = value.unsqueeze(-2) - locs  # (*sample, *batch, K, D)
     d = diff.shape[-1]
-    own = scale_tril.shape[:-2]  # (*batch, K)
-    full = torch.broadcast_shapes(diff.shape[:-1], own)
-    lead, own = full[: len(full) - len(own)], full[len(full) - len(own) :]
-    # One solve per component with every point as a right-hand side: (*batch, K, D, L),
-    # instead of a copy of L_k per point.
-    rhs = diff.expand(full + (d,)).reshape((-1,) + own + (d,)).movedim(0, -1)
-    tril = scale_tril.expand(own + (d, d))
-    w = torch.linalg.solve_triangular(tril, rhs, upper=False).movedim(-1, 0)
-    w = w.reshape(lead + own + (d,))
+    full = torch.broadcast_shapes(diff.shape[:-1], scale_tril.shape[:-2])
+    rank = len(full)
+    own = (1,) * (rank - scale_tril.dim() + 2) + tuple(scale_tril.shape[:-2])
+    # One solve per distinct factor with every point it applies to as a right-hand side:
+    # the dims where the factors broadcast (size 1) go to the right-hand sides' axis.
+    points = [i for i in range(rank) if own[i] == 1 and full[i] > 1]
+    kept = [i for i in range(rank) if i not in points]
+    kept_shape = [full[i] for i in kept]
+    rhs = diff.expand(full + (d,)).permute(kept + points + [rank])
+    rhs = rhs.reshape(kept_shape + [-1, d]).transpose(-1, -2)  # (*kept, D, points)
+    tril = scale_tril.reshape(own + (d, d)).permute(kept + points + [rank, rank + 1])
+    tril = tril.reshape(kept_shape + [d, d]) if kept_shape else tril.reshape(d, d)
+    tril = tril.expand(kept_shape + [d, d])
+    w = torch.linalg.solve_triangular(tril, rhs, upper=False).transpose(-1, -2)
+    w = w.reshape(kept_shape + [full[i] for i in points] + [d])
+    w = w.permute([(kept + points).index(i) for i in range(rank)] + [rank])
     log_diag = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return -(0.5 * w.pow(2).sum(-1) + log_diag + value.shape[-1] * _HALF_LOG_2PI)
 
