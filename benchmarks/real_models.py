@@ -125,35 +125,28 @@ def _svi(guide_fn: Callable, elbo_fn: Callable) -> Callable:
     return train
 
 
-def _svi_tempered(model, args, kwargs, steps):
+def _tempered_loop(natural: bool) -> Callable:
     """fit()'s mode finding written as a plain loop: components at prior draws, the model
-    tempered from beta 0.01 to 1 over the first half of the steps, the natural mixture steps as
-    the optimiser, StratifiedELBO, fit()'s lr."""
-    guide = AutoMixtureFlow(model, init_spread="prior")
-    tempered = TemperedModel(model, exponential_schedule(0.01, 1.0, steps // 2), observed_only=True)
-    optim = MixtureNaturalGradient(guide, Adam({"lr": TEMPERED_LR}))
-    svi = SVI(tempered, guide, optim, StratifiedELBO())
-    for _ in range(steps):
-        svi.step(*args, **kwargs)
-        tempered.advance()
-    return guide
+    tempered from beta 0.01 to 1 over the first half of the steps, the natural weight steps as
+    the optimiser (fit()'s lr), and ``StratifiedELBO``; with ``natural`` the components take
+    fit()'s natural steps (:class:`~pyro_mogflow.NaturalStratifiedELBO`) and full covariances
+    from the step at which beta reaches 1."""
 
+    def train(model, args, kwargs, steps):
+        guide = AutoMixtureFlow(model, init_spread="prior")
+        anneal = steps // 2
+        tempered = TemperedModel(model, exponential_schedule(0.01, 1.0, anneal), observed_only=True)
+        optim = MixtureNaturalGradient(guide, Adam({"lr": TEMPERED_LR}))
+        elbo = NaturalStratifiedELBO() if natural else StratifiedELBO()
+        svi = SVI(tempered, guide, optim, elbo)
+        for step in range(steps):
+            if natural and step == anneal:
+                guide.to_full_covariance()
+            svi.step(*args, **kwargs)
+            tempered.advance()
+        return guide
 
-def _svi_natural(model, args, kwargs, steps):
-    """fit()'s mode finding in a plain loop with the natural component steps: as
-    :func:`_svi_tempered` with :class:`~pyro_mogflow.NaturalStratifiedELBO`, and full
-    covariances from the step at which beta reaches 1."""
-    guide = AutoMixtureFlow(model, init_spread="prior")
-    anneal = steps // 2
-    tempered = TemperedModel(model, exponential_schedule(0.01, 1.0, anneal), observed_only=True)
-    optim = MixtureNaturalGradient(guide, Adam({"lr": TEMPERED_LR}))
-    svi = SVI(tempered, guide, optim, NaturalStratifiedELBO())
-    for step in range(steps):
-        if step == anneal:
-            guide.to_full_covariance()
-        svi.step(*args, **kwargs)
-        tempered.advance()
-    return guide
+    return train
 
 
 def _fit(model, args, kwargs, steps):
@@ -186,8 +179,8 @@ GUIDES: dict[str, Callable] = {
     "fit() natural full": _fit_with("natural", "full"),
     "SVI AMF + StratifiedELBO": _svi(AutoMixtureFlow, StratifiedELBO),
     "SVI AMF + Trace_ELBO": _svi(AutoMixtureFlow, Trace_ELBO),
-    "SVI AMF prior + NG + tempered": _svi_tempered,
-    "SVI AMF natural + tempered": _svi_natural,
+    "SVI AMF prior + NG + tempered": _tempered_loop(natural=False),
+    "SVI AMF natural + tempered": _tempered_loop(natural=True),
     "AutoNormal": _svi(AutoNormal, Trace_ELBO),
     "AutoMultivariateNormal": _svi(AutoMultivariateNormal, Trace_ELBO),
     "AutoLowRankMultivariateNormal": _svi(AutoLowRankMultivariateNormal, Trace_ELBO),

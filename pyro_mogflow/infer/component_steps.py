@@ -273,6 +273,12 @@ def full_step_size(dim: int) -> float:
     return 1.0 / (check_int("dim", dim, 1) + 1)
 
 
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    """The leaf tensor the optimiser updates for a constrained Pyro parameter value."""
+    unconstrained = getattr(value, "unconstrained", None)
+    return unconstrained() if callable(unconstrained) else value
+
+
 def _scales_constraint(guide) -> constraints.Constraint:
     params = getattr(guide, "_pyro_params", {})
     return params["scales"][0] if "scales" in params else constraints.positive

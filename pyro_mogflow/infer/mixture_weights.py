@@ -30,7 +30,7 @@ from ..distributions.density import component_log_prob, full_component_log_prob
 from ..guides import AutoMixtureFlow
 from ..guides.covariance import is_full
 from .budget import _drop_stale_optimizer_state
-from .component_steps import natural_component_deltas
+from .component_steps import _unconstrained, natural_component_deltas
 from .memory import DEFAULT_MEMORY_BUDGET
 from .natural_elbo import by_component, component_shares
 from .stratified import StratifiedELBO
@@ -44,12 +44,6 @@ __all__ = ["MIN_WEIGHT", "WEIGHT_OBJECTIVES", "balance_weights", "natural_gradie
 MIN_WEIGHT = 1e-6
 #: What :func:`balance_weights` can optimise.
 WEIGHT_OBJECTIVES = ("elbo", "forward")
-
-
-def _unconstrained(value: torch.Tensor) -> torch.Tensor:
-    """The leaf tensor the optimiser updates for a constrained Pyro parameter value."""
-    unconstrained = getattr(value, "unconstrained", None)
-    return unconstrained() if callable(unconstrained) else value
 
 
 def _logits_param(guide: AutoMixtureFlow) -> torch.Tensor:

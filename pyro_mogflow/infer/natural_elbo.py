@@ -48,7 +48,7 @@ from pyro import poutine
 from pyro.util import warn_if_nan
 
 from ..guides import AutoMixtureFlow
-from .component_steps import base_gradients, natural_component_deltas
+from .component_steps import _unconstrained, base_gradients, natural_component_deltas
 from .memory import DEFAULT_MEMORY_BUDGET
 from .stratified import StratifiedELBO
 from .stratified_chunks import run_shares
@@ -99,11 +99,6 @@ def by_component(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
     base = torch.stack([torch.cat([b for b, _ in rows[c]]) for c in order])
     grads = torch.stack([torch.cat([g for _, g in rows[c]]) for c in order])
     return base, grads
-
-
-def _leaf(value: torch.Tensor) -> torch.Tensor:
-    unconstrained = getattr(value, "unconstrained", None)
-    return unconstrained() if callable(unconstrained) else value
 
 
 class NaturalStratifiedELBO(StratifiedELBO):
@@ -209,7 +204,7 @@ class NaturalStratifiedELBO(StratifiedELBO):
             )
         with torch.no_grad():
             for name, delta in deltas.items():
-                leaf = _leaf(getattr(guide, name))
+                leaf = _unconstrained(getattr(guide, name))
                 leaf.add_(delta)
                 leaf.grad = None  # the step is taken: the optimiser must not move them again
         warn_if_nan(loss, "loss")

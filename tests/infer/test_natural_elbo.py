@@ -141,15 +141,29 @@ def test_a_non_finite_step_raises_and_changes_nothing():
 
 
 def test_mixture_natural_gradient_steps_a_full_covariance_guide():
-    # The weight step divides the components' gradients by their weights: with full
-    # covariance that is scale_tril's (the step used to look for "scales").
-    guide = _guide(bimodal_model)
-    guide.to_full_covariance()
-    optim = MixtureNaturalGradient(guide, pyro.optim.Adam({"lr": 0.01}))
-    svi = SVI(bimodal_model, guide, optim, StratifiedELBO())
-    before = guide.scale_tril.detach().clone()
-    assert math.isfinite(svi.step())
-    assert not torch.equal(guide.scale_tril.detach(), before)
+    # The weight step divides each component's gradient by its weight: with full covariance
+    # that is scale_tril's (the step used to look for "scales" and fail). With SGD the change
+    # of each component's factor is then the plain SGD change divided by its weight.
+    def one_step(wrapped: bool):
+        guide = _guide(bimodal_model)
+        guide.to_full_covariance()
+        with torch.no_grad():
+            guide.logits_unconstrained.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+        pi = torch.softmax(guide.logits.detach(), -1)
+        optim = pyro.optim.SGD({"lr": 1e-3})
+        if wrapped:
+            optim = MixtureNaturalGradient(guide, optim)
+        svi = SVI(bimodal_model, guide, optim, StratifiedELBO())
+        before = guide.scale_tril_unconstrained.detach().clone()
+        pyro.set_rng_seed(5)
+        assert math.isfinite(svi.step())
+        return guide.scale_tril_unconstrained.detach() - before, pi
+
+    wrapped, pi = one_step(True)
+    plain, _ = one_step(False)
+    assert plain.abs().sum() > 0
+    expected = plain / pi.reshape(-1, 1, 1).to(plain.dtype)
+    assert torch.allclose(wrapped, expected, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.cuda
